@@ -1,0 +1,115 @@
+"""Model checkpoints: `model.safetensors` + `config.json` in one folder, written atomically.
+
+    from llm.checkpoint import save_model, load_model
+    save_model(model, "out/ckpt")          # writes out/ckpt/{model.safetensors,config.json}
+    model = load_model("out/ckpt")          # a GPT in eval mode
+
+Weights are never pickled. Extra JSON-able metadata (tokenizer name, classifier labels, ...)
+goes into config.json under "llmpipe". Tied weights are stored once (as tok_emb.weight).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llm.model import GPT, GPTConfig
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A contiguous, de-duplicated state dict (safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in module.state_dict().items():
+        key = t.data_ptr()
+        if key in seen and t.numel() > 0:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def save_model(model: GPT, directory: str | Path, extra: Optional[dict] = None,
+               state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write model.safetensors + config.json into `directory` atomically (a temp folder, then rename)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        sd = state_dict if state_dict is not None else state_dict_for_save(model)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = {"llmpipe_model": model.cfg.to_dict()}
+        if extra:
+            cfg["llmpipe"] = extra
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_config(directory: str | Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config.json (expected a checkpoint folder with model.safetensors)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def load_model(directory: str | Path, map_location: str = "cpu", strict: bool = True) -> GPT:
+    """Load an llmpipe checkpoint folder into a GPT (eval mode)."""
+    directory = Path(directory)
+    raw = read_config(directory)
+    if "llmpipe_model" not in raw:
+        raise ValueError(f"{directory / 'config.json'}: not an llmpipe checkpoint (no 'llmpipe_model' key); "
+                         "for a Hugging Face GPT-2 folder use llm.weights.load_hf_gpt2")
+    model = GPT(GPTConfig.from_dict(raw["llmpipe_model"]))
+    weights = directory / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights}: missing model weights")
+    sd = load_file(str(weights), device=map_location)
+    if model.cfg.tie_weights and "out_head.weight" not in sd and "tok_emb.weight" in sd:
+        sd["out_head.weight"] = sd["tok_emb.weight"]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if strict and (missing or unexpected):
+        raise ValueError(f"{weights}: weights do not match config.json "
+                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    model.eval()
+    return model

@@ -1,0 +1,314 @@
+"""Typed, validated configuration for every llmpipe stage, and preset loading.
+
+A run's configuration is one `PipelineConfig`: a section per stage. It is built from a
+preset YAML shipped in `llm/presets/` (``--preset NAME``), then an optional user YAML
+(``--config FILE``), then ``--set a.b=value`` overrides, in that order, and validated
+once. Unknown keys and wrong types are errors that name the field.
+
+    from llm.config import load_config
+    cfg = load_config("tiny", overrides=["pretrain.lr=1e-3"])
+    print(cfg.pretrain.lr)
+
+Run `python -m llm.config tiny` to print a resolved preset.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+STAGES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "judge")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the file/field at fault."""
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DownloadConfig(Section):
+    sources: list[str] = Field(default_factory=list, description="names from data/sources.yaml to fetch")
+    mirror: Optional[str] = Field(None, description="local folder or base URL replacing every source URL's base")
+    accept_changed: list[str] = Field(
+        default_factory=list,
+        description="source names whose upstream file may differ from the pinned sha256 (new hash is recorded)",
+    )
+    retries: int = Field(3, ge=0, description="retries of a transient failure (with backoff)")
+    timeout: float = Field(60.0, gt=0, description="seconds per HTTP request")
+
+
+class CleanConfig(Section):
+    sources: list[str] = Field(default_factory=list, description="downloaded sources that form the pretraining corpus")
+    corpus: list[str] = Field(
+        default_factory=list,
+        description="user text files, folders or globs (.jsonl: one document per line, field 'text'); see --corpus",
+    )
+    strip_gutenberg: bool = True
+    normalize: Literal["NFC", "NFKC", "none"] = "NFC"
+    collapse_blank_lines: bool = True
+    dedup: bool = True
+    min_chars: int = Field(100, ge=0, description="drop documents shorter than this after cleaning")
+
+
+class ShardConfig(Section):
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split: Literal["tail", "document"] = Field(
+        "tail",
+        description="tail: the last val_fraction of every document's characters is val (the book's split); "
+        "document: whole documents are assigned to val (seeded)",
+    )
+    seed: int = 123
+    max_shard_mb: float = Field(64.0, gt=0, description="cap on one shard file's token payload")
+    workers: int = Field(0, ge=0, description="tokenizer worker processes (0 = every free core)")
+
+
+class ModelConfigSection(Section):
+    name: Optional[str] = Field("gpt2-small", description="named base config (gpt2-small/medium/large/xl, gpt2-124m-256)")
+    vocab_size: Optional[int] = None
+    context_length: Optional[int] = None
+    emb_dim: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_layers: Optional[int] = None
+    drop_rate: Optional[float] = None
+    qkv_bias: Optional[bool] = None
+    tie_weights: Optional[bool] = None
+
+
+class PretrainConfig(Section):
+    model: ModelConfigSection = Field(default_factory=ModelConfigSection)
+    init: Optional[str] = Field(None, description="None = random init; gpt2, gpt2-medium, ... or a HF GPT-2 folder")
+    epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    stride: Optional[int] = Field(None, ge=1, description="window stride in tokens (default: context_length)")
+    lr: float = Field(4e-4, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: Optional[int] = Field(None, ge=1, description="val batches per eval (None = all)")
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    threads: int = Field(0, ge=0, description="torch threads (0 = cores actually free)")
+    nproc: int = Field(1, ge=1, description="DDP processes launched with torchrun")
+    seed: int = 123
+    sample_prompt: str = "Every effort moves you"
+
+
+class EvaluateConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["Every effort moves you", "The meaning of life is"])
+    max_new_tokens: int = Field(30, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_k: Optional[int] = Field(25, ge=1)
+    seed: int = 123
+    batch_size: int = Field(8, ge=1)
+    max_batches: Optional[int] = Field(None, ge=1)
+
+
+class SpamConfig(Section):
+    source: str = Field("sms_spam", description="source name in data/sources.yaml, or a path to a label<TAB>text file")
+    init: str = Field("pretrain", description="pretrain (the pretrain stage's checkpoint), gpt2*, or a HF folder")
+    skip_malformed: bool = False
+    train_mode: Literal["head", "last_block", "all", "lora"] = "last_block"
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_targets: list[str] = Field(default_factory=lambda: ["attn", "ff", "out_head"])
+    max_length: Optional[int] = Field(None, ge=1, description="pad/truncate to this (default: longest train example)")
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: Optional[int] = Field(None, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    seed: int = 123
+    baseline: bool = True
+
+
+class InstructConfig(Section):
+    data: str = Field("instruction_data", description="source name in data/sources.yaml, or a JSON/JSONL path")
+    init: str = Field("pretrain", description="pretrain, gpt2*, or a HF folder")
+    prompt_format: Literal["alpaca", "phi3"] = "alpaca"
+    mask_prompt: bool = False
+    max_length: Optional[int] = Field(None, ge=8)
+    train_mode: Literal["all", "lora"] = "all"
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: Optional[int] = Field(None, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    max_records: Optional[int] = Field(None, ge=1, description="use only the first N records (after shuffling)")
+    test_limit: Optional[int] = Field(None, ge=1, description="generate responses for at most N test records")
+    max_new_tokens: int = Field(256, ge=1)
+    seed: int = 123
+
+
+class JudgeConfig(Section):
+    url: Optional[str] = Field(None, description="OpenAI-compatible base URL (…/v1); None = the embedded local judge")
+    model: Optional[str] = Field(None, description="model name sent to the server")
+    api_key_env: Optional[str] = Field(None, description="environment variable holding the API key")
+    prompt: Literal["book", "rubric"] = "rubric"
+    temperature: float = 0.0
+    seed: int = 123
+    concurrency: int = Field(1, ge=1)
+    retries: int = Field(3, ge=0)
+    timeout: float = Field(120.0, gt=0)
+    limit: Optional[int] = Field(None, ge=1, description="score at most N responses")
+    calibration_sample: int = Field(5, ge=0)
+    threads: int = Field(1, ge=1, description="threads of the embedded judge server")
+
+
+class PipelineConfig(Section):
+    preset: str = "custom"
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    spam: SpamConfig = Field(default_factory=SpamConfig)
+    instruct: InstructConfig = Field(default_factory=InstructConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+    def section(self, stage: str) -> Section:
+        return getattr(self, stage)
+
+    def section_hash(self, stage: str) -> str:
+        """sha256 of one stage's resolved section (stable JSON)."""
+        data = self.section(stage).model_dump(mode="json")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def config_hash(self) -> str:
+        data = self.model_dump(mode="json")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of stage sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (so 3, 1e-3, true, [a, b], null work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in path):
+        raise ConfigError(f"--set {item!r}: expected key.path=value with a non-empty dotted key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "1e-3" as a string; accept plain float syntax too.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            pass
+    return path, value
+
+
+def _apply_override(data: dict, path: list[str], value: Any, item: str) -> None:
+    cur = data
+    for p in path[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {item}: {'.'.join(path[:-1])} is not a section")
+        cur = nxt
+    cur[path[-1]] = value
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    got = first.get("input")
+    got_s = "" if first["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{origin}: {loc}: {msg}{got_s}{more}"
+
+
+def load_config(
+    preset: str = "tiny",
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> PipelineConfig:
+    """Resolve preset → config file → --set overrides into one validated PipelineConfig."""
+    preset_path = PRESET_DIR / f"{preset}.yaml"
+    if not preset_path.exists():
+        raise ConfigError(f"--preset {preset!r}: unknown preset; expected one of {', '.join(list_presets())}")
+    data = _read_yaml(preset_path)
+    origin = f"preset {preset}"
+    if config_file is not None:
+        data = _deep_merge(data, _read_yaml(Path(config_file)))
+        origin = str(config_file)
+    for item in overrides:
+        path, value = parse_override(item)
+        _apply_override(data, path, value, item)
+        origin = "--set"
+    data.setdefault("preset", preset)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        # Name the first source that introduces the bad key when we can.
+        raise ConfigError(_format_validation_error(e, origin)) from None
+
+
+if __name__ == "__main__":
+    cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else "tiny", overrides=sys.argv[2:])
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
