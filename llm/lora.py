@@ -1,0 +1,133 @@
+"""Low-rank adaptation (LoRA, the book's appendix E) for the GPT model's Linear layers.
+
+    from llm.lora import apply_lora, merge_lora
+    apply_lora(model, rank=16, alpha=16, targets=["att", "ff", "out_head"])  # base weights frozen
+    ... train: only the A/B matrices (and anything you unfreeze yourself) get gradients ...
+    merge_lora(model)          # folds B@A*scale into each base weight; plain nn.Linear again
+
+A `LoRALinear` wraps an `nn.Linear` and adds ``scaling * (x @ A @ B)`` to its output, with
+A (in_features, rank) initialised kaiming-uniform exactly as the book does and B (rank,
+out_features) zeros, so a freshly wrapped model computes exactly what it did before.
+``scaling = alpha / rank`` (the LoRA paper's convention; the book multiplies by alpha alone).
+
+Targets name modules by the components of their dotted names in llm.model.GPT:
+``att`` (both attention projections ``qkv`` and ``out_proj``; ``attn`` is accepted as an
+alias), ``qkv``, ``out_proj``, ``ff`` (``fc1`` and ``fc2``), ``fc1``, ``fc2``, ``out_head``, or
+any full dotted module name (``trf_blocks.11.att.qkv``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+ALIASES = {"attn": "att"}
+
+
+class LoRALinear(nn.Module):
+    """``linear(x) + (alpha / rank) * (x @ A @ B)`` with the wrapped Linear frozen."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(linear).__name__}")
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.linear = linear
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.rank
+        w = linear.weight
+        self.A = nn.Parameter(torch.empty(linear.in_features, self.rank, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as in the book's LoRALayer
+        self.B = nn.Parameter(torch.zeros(self.rank, linear.out_features, dtype=w.dtype, device=w.device))
+        for p in self.linear.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # so code reading `.weight.shape` keeps working
+        return self.linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.scaling * ((x @ self.A) @ self.B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update to the base weight, shaped like it: (out_features, in_features)."""
+        return (self.scaling * (self.A @ self.B)).T
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear computing the same function (base weight + delta)."""
+        lin = self.linear
+        out = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                        device=lin.weight.device, dtype=lin.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(lin.weight + self.delta_weight())
+            if lin.bias is not None:
+                out.bias.copy_(lin.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+def _matches(name: str, target: str) -> bool:
+    target = ALIASES.get(target, target)
+    if "." in target:
+        return name == target or name.startswith(target + ".")
+    return target in name.split(".")
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Iterable[str]) -> list[str]:
+    """Freeze every parameter of `model`, then wrap each targeted nn.Linear in a LoRALinear.
+
+    Returns the dotted names of the wrapped modules. A target that matches no Linear raises
+    ValueError naming it and the Linear layers that exist.
+    """
+    targets = list(targets)
+    if not targets:
+        raise ValueError("apply_lora: targets is empty; expected names like 'att', 'ff', 'out_head'")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+               and not isinstance(m, LoRALinear) and not n.endswith(".linear")]
+    chosen: list[str] = []
+    for t in targets:
+        hits = [n for n, _ in linears if _matches(n, t)]
+        if not hits:
+            names = sorted({c for n, _ in linears for c in n.split(".") if not c.isdigit()})
+            raise ValueError(f"apply_lora: target {t!r} matches no nn.Linear module; expected one of "
+                             f"att, attn, ff, {', '.join(names)} or a full module name")
+        chosen.extend(h for h in hits if h not in chosen)
+    modules = dict(linears)
+    for name in chosen:
+        _set_submodule(model, name, LoRALinear(modules[name], rank, alpha))
+    return chosen
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear in `model` by an equivalent plain nn.Linear (in place); returns model."""
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name in names:
+        _set_submodule(model, name, model.get_submodule(name).merged())
+    return model
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The A and B matrices of every LoRALinear in `model`."""
+    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.A, m.B)]
