@@ -30,7 +30,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[
     if top_p is not None and top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set whose mass reaches top_p
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     probs = logits.softmax(dim=-1)
