@@ -17,6 +17,7 @@ any full dotted module name (``trf_blocks.11.att.qkv``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Iterable
 
@@ -121,10 +122,22 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Iterable[str]
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear in `model` by an equivalent plain nn.Linear (in place); returns model."""
+    """Replace every LoRALinear in `model` by an equivalent plain nn.Linear (in place); returns model.
+
+    A merged weight that was tied to another parameter (GPT's out_head tied to tok_emb) is
+    untied: the merged head gets its own tensor, and a GPT's cfg.tie_weights becomes False so
+    that a saved checkpoint reloads both matrices.
+    """
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     for name in names:
-        _set_submodule(model, name, model.get_submodule(name).merged())
+        lora = model.get_submodule(name)
+        base = lora.linear.weight
+        tied = any(p is base for n, p in model.named_parameters(remove_duplicate=False)
+                   if not n.startswith(name + "."))
+        _set_submodule(model, name, lora.merged())
+        cfg = getattr(model, "cfg", None)
+        if tied and dataclasses.is_dataclass(cfg) and getattr(cfg, "tie_weights", False):
+            model.cfg = dataclasses.replace(cfg, tie_weights=False)
     return model
 
 
