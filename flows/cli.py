@@ -1,0 +1,280 @@
+"""The `llmpipe` command line.
+
+    llmpipe run [STAGE ...] [--preset NAME] [--config FILE.yaml] [--set key.path=value ...]
+                [--mirror DIR_OR_URL] [--corpus PATH ...] [--force STAGE ...] [--json] [--debug]
+    llmpipe stages [--preset NAME] [...]          cache state of every stage
+    llmpipe generate --prompt TEXT [--run-id ID | --checkpoint DIR | --init gpt2|DIR] [...]
+    llmpipe classify TEXT ... [--file F] [--run-id ID | --checkpoint DIR]
+    llmpipe ask INSTRUCTION [--input TEXT] [--run-id ID | --checkpoint DIR]
+    llmpipe presets                               list shipped presets
+
+Bad input (unknown stage or preset, malformed config value, missing or malformed data file)
+exits non-zero with one line naming the file/field and what was expected; `--debug` shows the
+traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+STAGE_CHOICES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "judge", "all")
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+class _DropErrors(logging.Filter):
+    """Without --debug, Prefect's failure logs (tracebacks) are replaced by our one-line error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def _quiet_prefect_errors() -> None:
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.engine", "prefect.server"):
+        logging.getLogger(name).addFilter(_DropErrors())
+    root = logging.getLogger()
+    for h in root.handlers:
+        h.addFilter(_DropErrors())
+
+
+# --- argument parsing ----------------------------------------------------------------------------------
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="shipped preset: tiny, verdict, gutenberg, spam, instruct, gpt2")
+    p.add_argument("--config", dest="config_file", metavar="FILE.yaml", help="YAML file merged over the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="key.path=value",
+                   help="override one config value (YAML syntax), e.g. --set pretrain.lr=1e-3; repeatable")
+    p.add_argument("--mirror", metavar="DIR_OR_URL", help="fetch every source from this folder or base URL")
+    p.add_argument("--corpus", nargs="+", default=[], metavar="PATH",
+                   help="pretrain on your own text: files, folders or globs (.jsonl: field 'text')")
+    p.add_argument("--workdir", default=".", help="where data/ and mlruns/ live (default: current folder)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmpipe", description="Build a GPT-style LLM from scratch as one tracked, "
+                                 "cached Prefect + MLflow pipeline.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run pipeline stages (default: all)")
+    p.add_argument("stages", nargs="*", default=["all"], metavar="STAGE",
+                   help=f"one or more of {', '.join(STAGE_CHOICES)} (default all)")
+    _add_config_args(p)
+    p.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="re-run these stages even if cached")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser("stages", help="show each stage's cache key, state and artifact folder")
+    p.add_argument("stages", nargs="*", default=["all"], metavar="STAGE")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("presets", help="list the shipped presets")
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained model")
+    p.add_argument("--prompt", required=True)
+    _add_model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("classify", help="classify SMS messages as ham/spam with the spam stage's model")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--file", help="a text file (one message per line) or CSV/TSV with a 'text' column")
+    _add_model_args(p, init=False)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("ask", help="answer an instruction with the instruct stage's model")
+    p.add_argument("instruction")
+    p.add_argument("--input", default="")
+    _add_model_args(p, init=False)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    return ap
+
+
+def _add_model_args(p: argparse.ArgumentParser, init: bool = True) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--run-id", help="an MLflow run id: a stage run, or a pipeline run (its newest matching stage)")
+    g.add_argument("--checkpoint", metavar="DIR", help="a checkpoint folder (model.safetensors + config.json)")
+    if init:
+        g.add_argument("--init", help="gpt2, gpt2-medium, ... or a Hugging Face GPT-2 folder")
+    p.add_argument("--workdir", default=".")
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+def _validate_stages(stages: list[str], field: str = "STAGE") -> None:
+    for s in stages:
+        if s not in STAGE_CHOICES:
+            raise UsageError(f"{field}: unknown stage {s!r}; expected one of {', '.join(STAGE_CHOICES)}")
+
+
+def cmd_run(args) -> int:
+    _validate_stages(args.stages)
+    _validate_stages(args.force, "--force")
+    from flows.pipeline import resolve
+
+    resolve(args.preset, args.config_file, args.overrides, args.mirror, args.corpus)  # fail fast on bad config
+    if not args.debug:
+        _quiet_prefect_errors()
+    from flows.pipeline import pipeline
+
+    summary = pipeline(stages=args.stages, preset=args.preset, config_file=args.config_file,
+                       overrides=args.overrides, mirror=args.mirror, corpus=args.corpus, force=args.force,
+                       workdir=args.workdir, progress=not args.no_progress)
+    _print_summary(summary)
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    lines = [f"pipeline run {summary['pipeline_run_id']}"]
+    for stage, s in summary["stages"].items():
+        head = ", ".join(f"{k}={v:.4g}" for k, v in list(s["metrics"].items())[:4])
+        lines.append(f"  {stage:9s} {'cached' if s['cached'] else 'ran   '} {s['artifact_dir']}  {head}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def cmd_stages(args) -> int:
+    _validate_stages(args.stages)
+    from flows.status import stage_table
+
+    rows = stage_table(args.stages, args.preset, args.config_file, args.overrides, args.mirror, args.corpus,
+                       Path(args.workdir))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"{r['stage']:9s} {r['state']:8s} {r['key'][:16] if r['key'] else '-':16s} {r['artifact_dir']}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from llm.config import list_presets
+
+    print("\n".join(list_presets()))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from flows.models import resolve_model_dir
+    from llm.generate import generate
+    from llm.tokenizer import get_encoding
+
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens: expected a non-negative integer, got {args.max_new_tokens}")
+    if args.init:
+        from llm.weights import load_pretrained
+
+        model = load_pretrained(args.init)
+    else:
+        from llm.checkpoint import load_model
+
+        model = load_model(resolve_model_dir(args.run_id, args.checkpoint, Path(args.workdir), "pretrain"))
+    enc = get_encoding()
+    prompt_ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"})
+    if not prompt_ids:
+        raise UsageError("--prompt: expected a non-empty prompt")
+    with torch.no_grad():
+        new = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed)
+    text = enc.decode(new)
+    if args.json:
+        print(args.prompt + text, file=sys.stderr)
+        print(json.dumps({"prompt_tokens": prompt_ids, "tokens": new, "text": text}))
+    else:
+        print(args.prompt + text)
+    return 0
+
+
+def cmd_classify(args) -> int:
+    from flows.models import resolve_model_dir
+    from llm.spam import classify_file, load_classifier
+
+    if not args.texts and not args.file:
+        raise UsageError("classify: give one or more TEXT arguments or --file F")
+    clf = load_classifier(resolve_model_dir(args.run_id, args.checkpoint, Path(args.workdir), "spam"))
+    rows = []
+    if args.texts:
+        for text, (label, prob) in zip(args.texts, clf.predict(args.texts)):
+            rows.append({"text": text, "label": label, "probability": prob})
+    if args.file:
+        df = classify_file(clf, Path(args.file))
+        rows.extend(df.to_dict("records"))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"{r['label']}\t{r['probability']:.4f}\t{r['text']}")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from flows.models import resolve_model_dir
+    from llm.instruct import answer
+
+    text = answer(resolve_model_dir(args.run_id, args.checkpoint, Path(args.workdir), "instruct"),
+                  args.instruction, args.input, max_new_tokens=args.max_new_tokens)
+    print(json.dumps({"instruction": args.instruction, "input": args.input, "response": text}) if args.json
+          else text)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "stages": cmd_stages, "presets": cmd_presets, "generate": cmd_generate,
+            "classify": cmd_classify, "ask": cmd_ask}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except KeyboardInterrupt:
+        print("llmpipe: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"llmpipe: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # one clear line; the traceback only with --debug
+        if debug:
+            raise
+        print(f"llmpipe: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError):
+        msg = f"missing key {msg}"
+    if isinstance(e, (FileNotFoundError,)) and e.filename and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    first = msg.splitlines()[0]
+    return first if type(e) in (ValueError, FileNotFoundError, RuntimeError) or type(e).__module__.startswith(
+        "llm") else f"{type(e).__name__}: {first}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Find a trained model for `llmpipe generate/classify/ask`: by MLflow run id, folder, or newest.
+
+    resolve_model_dir(run_id=None, checkpoint=None, workdir=Path("."), stage="pretrain")
+
+- `--checkpoint DIR`: that folder.
+- `--run-id ID`: a stage run (its artifact folder, or its logged `checkpoint` artifact when the
+  folder is gone), or a pipeline run (its child run of the wanted stage).
+- neither: the newest completed artifact of the stage under the workdir.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from flows.pipeline import MARKER
+from flows.stages import STAGE_DEFS
+
+OUTPUT_NAME = {"pretrain": "checkpoint", "spam": "classifier", "instruct": "model"}
+
+
+def _from_marker(artifact_dir: Path, stage: str) -> Optional[Path]:
+    m = artifact_dir / MARKER
+    if not m.exists():
+        return None
+    rec = json.loads(m.read_text())
+    rel = rec["outputs"].get(OUTPUT_NAME[stage])
+    return artifact_dir / rel if rel else None
+
+
+def newest(workdir: Path, stage: str) -> Path:
+    root = workdir / STAGE_DEFS[stage].out_root
+    markers = sorted(root.glob(f"*/{MARKER}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for m in markers:
+        d = _from_marker(m.parent, stage)
+        if d is not None and d.exists():
+            return d
+    raise FileNotFoundError(f"{root}: no completed {stage} stage yet; run `llmpipe run {stage}` first "
+                            "or pass --checkpoint DIR / --run-id ID")
+
+
+def resolve_model_dir(run_id: Optional[str], checkpoint: Optional[str], workdir: Path, stage: str) -> Path:
+    if checkpoint:
+        p = Path(checkpoint)
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: expected a folder with config.json and "
+                                    "model.safetensors")
+        return p
+    if not run_id:
+        return newest(workdir, stage)
+    from flows.tracking import Tracker
+
+    tr = Tracker(workdir)
+    try:
+        run = tr.client.get_run(run_id)
+    except Exception:
+        raise ValueError(f"--run-id {run_id}: no such MLflow run in {tr.uri}") from None
+    if run.data.tags.get("stage") == "pipeline":
+        children = tr.client.search_runs(
+            [tr.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.stage = '{stage}'")
+        if not children:
+            raise ValueError(f"--run-id {run_id}: this pipeline run has no {stage} stage")
+        run = children[0]
+    elif run.data.tags.get("stage") != stage:
+        raise ValueError(f"--run-id {run_id}: a {run.data.tags.get('stage')!r} run; expected a {stage} run "
+                         "or a pipeline run")
+    art = run.data.tags.get("artifact_dir")
+    if art:
+        d = _from_marker(Path(art), stage)
+        if d is not None and d.exists():
+            return d
+    src = run.data.tags.get("cached_from_run_id", run.info.run_id)
+    dst = Path(tempfile.mkdtemp(prefix="llmpipe-model-"))
+    try:
+        path = tr.client.download_artifacts(src, "checkpoint", str(dst))
+    except Exception:
+        raise FileNotFoundError(f"--run-id {run_id}: its artifact folder {art} is gone and the run logged no "
+                                "checkpoint artifact") from None
+    sub = [p for p in Path(path).iterdir() if p.is_dir()]
+    return sub[0] if sub and not (Path(path) / "config.json").exists() else Path(path)

@@ -1,0 +1,312 @@
+"""The llmpipe Prefect flow: one task per stage, content-keyed caching, MLflow parent/child runs.
+
+    from flows.pipeline import pipeline
+    summary = pipeline(stages=["shard"], preset="tiny", overrides=["download.mirror=../shared/data"])
+
+or from the shell: `llmpipe run [STAGE ...] --preset tiny`.
+
+How a stage runs (see flows/stages.py for the stages themselves):
+1. The flow computes the stage's cache key from its config section, the content hashes of the
+   upstream outputs it reads and the version of its code (flows/cache.py). The Prefect task's
+   `cache_key_fn` returns that key; Prefect persists each task's result (a small JSON record of
+   paths, hashes and metrics) under data/cache/prefect, so an unchanged stage is not run again.
+2. If the stage's artifacts for that key are missing or incomplete, or `--force` names it, the
+   task is called with `refresh_cache=True` and runs.
+3. A running stage writes into `<root>/<key>.partial/` and the folder is renamed to `<root>/<key>/`
+   only when complete (resumable stages — pretrain, instruct — resume from a crashed .partial).
+4. Every stage of every invocation gets an MLflow child run under the invocation's parent run,
+   tagged stage, cache_key, cached, prefect.flow_run_id, git_commit; a cached stage's child run
+   carries `cached_from_run_id` and the producing run's metrics.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from prefect import flow, task
+from prefect.cache_policies import CachePolicy
+
+from flows.cache import hash_path, stage_key
+from flows.stages import STAGE_DEFS, extra_input_hashes, needed_sources, plan, source_entries_hash
+from flows.tracking import Tracker, git_commit
+from llm.config import STAGES, PipelineConfig, load_config
+
+MARKER = ".llmpipe-stage.json"
+HEADLINE = {
+    "pretrain": {"train_loss": "pretrain_train_loss", "val_loss": "pretrain_val_loss",
+                 "tokens_per_sec": "pretrain_tokens_per_sec"},
+    "evaluate": {"val_loss": "val_loss", "val_perplexity": "val_perplexity"},
+    "spam": {"test_accuracy": "test_accuracy", "test_f1": "test_f1"},
+    "judge": {"judge_mean_score": "judge_mean_score", "judge_reference_score": "judge_reference_score",
+              "judge_empty_score": "judge_empty_score"},
+}
+log = logging.getLogger("llmpipe")
+
+
+@dataclass
+class StageContext:
+    """What a stage body gets besides its config and upstream outputs."""
+
+    workdir: Path
+    progress: bool = True
+    log: Optional[Callable[[dict, int], None]] = None
+    on_checkpoint: Optional[Callable[[Path, int], None]] = None
+    sources: list[str] = field(default_factory=list)
+
+
+# --- keys, folders, completeness -------------------------------------------------------------------
+
+def input_hashes(stage: str, cfg: PipelineConfig, upstream: dict[str, dict], sources: list[str]) -> dict[str, str]:
+    hashes = {f"{up}.{name}": upstream[up]["output_hashes"][name] for up, name in STAGE_DEFS[stage].reads(cfg)}
+    hashes.update(extra_input_hashes(stage, cfg))
+    if stage == "download":
+        hashes["sources"] = source_entries_hash(sources)
+    return hashes
+
+
+def section_for_key(stage: str, cfg: PipelineConfig, sources: list[str]) -> dict:
+    section = cfg.section(stage).model_dump(mode="json")
+    if stage == "download":  # where files come from does not change what they are (sha256 pinned)
+        section = {"sources": sources, "accept_changed": section["accept_changed"]}
+    if stage == "pretrain":
+        section.pop("threads", None)  # how many threads run it does not change the result
+    return section
+
+
+def _key_fn(context: Any, params: dict[str, Any]) -> str:
+    """Prefect cache_key_fn: the stage's content key (no per-run values)."""
+    return f"{params['stage']}-{stage_key(params['stage'], params['section'], params['input_hashes'])}"
+
+
+def artifact_dir(workdir: Path, stage: str, key: str) -> Path:
+    root = workdir / STAGE_DEFS[stage].out_root
+    return root if stage == "download" else root / key[:16]
+
+
+def marker_path(workdir: Path, stage: str, key: str) -> Path:
+    d = artifact_dir(workdir, stage, key)
+    return d / f".llmpipe-download-{key[:16]}.json" if stage == "download" else d / MARKER
+
+
+def is_complete(workdir: Path, stage: str, key: str) -> bool:
+    m = marker_path(workdir, stage, key)
+    try:
+        rec = json.loads(m.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if rec.get("key") != key:
+        return False
+    base = artifact_dir(workdir, stage, key)
+    for rel, size in rec.get("output_sizes", {}).items():
+        p = base / rel
+        if not p.exists() or (p.is_file() and p.stat().st_size != size):
+            return False
+    return True
+
+
+def _relocate(paths: dict[str, Any], src: Path, dst: Path) -> dict[str, str]:
+    out = {}
+    for name, p in paths.items():
+        p = Path(p)
+        try:
+            out[name] = str(dst / p.relative_to(src))
+        except ValueError:
+            out[name] = str(p)
+    return out
+
+
+# --- the task ------------------------------------------------------------------------------------------
+
+def _emit(event: str, resource_id: str, payload: dict) -> None:
+    try:
+        from prefect.events import emit_event
+
+        emit_event(event=event, resource={"prefect.resource.id": resource_id}, payload=payload)
+    except Exception as e:  # events are best-effort: a missing server must not fail training
+        log.debug("could not emit %s: %s", event, e)
+
+
+def _run_stage_body(stage: str, section: dict, input_hashes: dict, run: dict) -> dict:
+    """The body of every stage task: MLflow child run around the stage's llm/ call."""
+    from prefect.runtime import flow_run
+
+    cfg = PipelineConfig.model_validate(run["config"])
+    workdir = Path(run["workdir"])
+    key = stage_key(stage, section, input_hashes)
+    final = artifact_dir(workdir, stage, key)
+    work = final if stage == "download" else final.with_name(final.name + ".partial")
+    tracker = Tracker(workdir)
+    flow_run_id = str(flow_run.id or "")
+    run_id = tracker.start_run(stage, {
+        "stage": stage, "cache_key": key, "cached": "false", "prefect.flow_run_id": flow_run_id,
+        "git_commit": run["git_commit"], "artifact_dir": str(final), "pipeline_run_id": run["parent_run_id"],
+    }, parent_run_id=run["parent_run_id"])
+    try:
+        tracker.log_params(run_id, section)
+        tracker.log_text(run_id, json.dumps({"stage": stage, "config": section, "inputs": input_hashes}, indent=2),
+                         "resolved_config.json")
+        if stage != "download" and not STAGE_DEFS[stage].resumable:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        metric_log = tracker.metric_logger(run_id)
+
+        def on_checkpoint(path: Path, step: int) -> None:
+            metric_log.flush()
+            _emit("llmpipe.checkpoint.saved", f"llmpipe.stage.{stage}",
+                  {"path": str(path), "step": step, "cache_key": key, "run_id": run_id})
+
+        ctx = StageContext(workdir=workdir, progress=run["progress"], log=metric_log, on_checkpoint=on_checkpoint,
+                           sources=run["sources"])
+        t0 = time.time()
+        result = STAGE_DEFS[stage].body(cfg, run["upstream"], work, ctx)
+        metric_log.flush()
+        seconds = time.time() - t0
+        outputs = {k: str(v) for k, v in result.outputs.items()}
+        output_hashes = {k: hash_path(v) for k, v in outputs.items()}
+        sizes = {}
+        for v in outputs.values():
+            p = Path(v)
+            for f in ([p] if p.is_file() else [x for x in p.rglob("*") if x.is_file()]):
+                sizes[str(f.relative_to(work))] = f.stat().st_size
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        metrics["stage_seconds"] = seconds
+        record = {"stage": stage, "key": key, "run_id": run_id, "outputs": {k: str(Path(v).relative_to(work))
+                  for k, v in outputs.items()}, "output_hashes": output_hashes, "output_sizes": sizes,
+                  "metrics": metrics, "input_hashes": input_hashes}
+        from llm.checkpoint import atomic_write_text
+
+        if stage == "download":
+            atomic_write_text(marker_path(workdir, stage, key), json.dumps(record, indent=2))
+        else:
+            atomic_write_text(work / MARKER, json.dumps(record, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(work, final)
+        outputs = _relocate(outputs, work, final)
+        artifacts = [Path(p) for p in _relocate({str(i): a for i, a in enumerate(result.artifacts)}, work,
+                                                final).values()]
+        tracker.log_metrics(run_id, metrics)
+        if result.params:
+            tracker.log_params(run_id, {f"result.{k}": v for k, v in result.params.items()})
+        tracker.log_artifacts(run_id, artifacts)
+        if run.get("log_models", True) and stage in ("pretrain", "spam", "instruct"):
+            for name in ("checkpoint", "classifier", "model"):
+                if name in outputs:
+                    tracker.log_artifacts(run_id, [Path(outputs[name])], artifact_path="checkpoint")
+        if stage == "download" and metrics.get("sources_changed", 0) > 0:
+            _emit("llmpipe.source.changed", "llmpipe.stage.download", {"cache_key": key})
+        _emit(f"llmpipe.stage.completed", f"llmpipe.stage.{stage}",
+              {"cache_key": key, "artifact_dir": str(final), "run_id": run_id, "outputs": outputs})
+        tracker.end_run(run_id)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    return {"stage": stage, "key": key, "artifact_dir": str(final), "outputs": outputs,
+            "output_hashes": output_hashes, "metrics": metrics, "run_id": run_id, "nonce": run["nonce"],
+            "flow_run_id": flow_run_id}
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except Exception as e:
+        from llm.sources import TransientDownloadError
+
+        return isinstance(e, TransientDownloadError)
+    return False
+
+
+def _make_task(stage: str):
+    opts: dict[str, Any] = {}
+    if stage == "download":
+        opts = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_transient)
+    return task(name=stage, cache_key_fn=_key_fn, persist_result=True, result_serializer="json",
+                log_prints=True, **opts)(_run_stage_body)
+
+
+STAGE_TASKS = {s: _make_task(s) for s in STAGES}
+
+
+# --- the flow ---------------------------------------------------------------------------------------------
+
+def resolve(preset: str, config_file: Optional[str], overrides: list[str], mirror: Optional[str],
+            corpus: list[str]) -> PipelineConfig:
+    extra = list(overrides)
+    if mirror:
+        extra.append(f"download.mirror={json.dumps(str(mirror))}")
+    if corpus:
+        extra.append(f"clean.corpus={json.dumps([str(c) for c in corpus])}")
+        extra.append("clean.sources=[]")
+    return load_config(preset, config_file, extra)
+
+
+@flow(name="llmpipe", log_prints=True)
+def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_file: Optional[str] = None,
+             overrides: Optional[list[str]] = None, mirror: Optional[str] = None,
+             corpus: Optional[list[str]] = None, force: Optional[list[str]] = None, workdir: str = ".",
+             progress: bool = True) -> dict:
+    """Run the llmpipe stages (default: all) with caching and MLflow tracking; returns the summary."""
+    from prefect.runtime import flow_run
+
+    requested = list(stages or ["all"])
+    cfg = resolve(preset, config_file, list(overrides or []), mirror, list(corpus or []))
+    wd = Path(workdir).resolve()
+    order = plan(cfg, requested)
+    sources = needed_sources(cfg, order, tuple(requested))
+    forced = set(force or [])
+    if "all" in forced:
+        forced = set(order)
+    tracker = Tracker(wd)
+    commit = git_commit(Path(__file__).resolve().parent.parent)
+    parent = tracker.start_run(f"pipeline-{cfg.preset}", {
+        "stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or ""), "git_commit": commit,
+        "preset": cfg.preset, "stages": ",".join(order)})
+    tracker.log_params(parent, {"preset": cfg.preset, "config_hash": cfg.config_hash(), "git_commit": commit,
+                                "stages": ",".join(order), "requested": ",".join(requested)})
+    tracker.log_text(parent, json.dumps(cfg.model_dump(mode="json"), indent=2), "resolved_config.json")
+    nonce = uuid.uuid4().hex
+    storage = wd / "data" / "cache" / "prefect"
+    upstream: dict[str, dict] = {}
+    summary: dict[str, dict] = {}
+    try:
+        for stage in order:
+            section = section_for_key(stage, cfg, sources)
+            hashes = input_hashes(stage, cfg, upstream, sources)
+            key = stage_key(stage, section, hashes)
+            refresh = stage in forced or not is_complete(wd, stage, key)
+            run = {"config": cfg.model_dump(mode="json"), "workdir": str(wd), "parent_run_id": parent,
+                   "nonce": nonce, "progress": progress, "git_commit": commit, "sources": sources,
+                   "upstream": {s: upstream[s] for s in STAGE_DEFS[stage].deps(cfg)}, "log_models": True}
+            t = STAGE_TASKS[stage].with_options(result_storage=storage, refresh_cache=refresh)
+            info = t(stage=stage, section=section, input_hashes=hashes, run=run)
+            cached = info["nonce"] != nonce
+            if cached:
+                info = dict(info)
+                info["cached_from_run_id"] = info["run_id"]
+                info["run_id"] = tracker.start_run(stage, {
+                    "stage": stage, "cache_key": key, "cached": "true", "cached_from_run_id": info["run_id"],
+                    "prefect.flow_run_id": str(flow_run.id or ""), "git_commit": commit,
+                    "artifact_dir": info["artifact_dir"], "pipeline_run_id": parent}, parent_run_id=parent)
+                tracker.log_params(info["run_id"], section)
+                tracker.log_metrics(info["run_id"], info["metrics"])
+                tracker.end_run(info["run_id"])
+            upstream[stage] = info
+            summary[stage] = {"run_id": info["run_id"], "cached": cached, "artifact_dir": info["artifact_dir"],
+                              "metrics": info["metrics"], "cache_key": key}
+            headline = {HEADLINE[stage][m]: v for m, v in info["metrics"].items() if m in HEADLINE.get(stage, {})}
+            if headline:
+                tracker.log_metrics(parent, headline)
+        tracker.log_metrics(parent, {"stages_cached": sum(s["cached"] for s in summary.values()),
+                                     "stages_run": sum(not s["cached"] for s in summary.values())})
+        tracker.end_run(parent)
+    except BaseException:
+        tracker.end_run(parent, "FAILED")
+        raise
+    return {"pipeline_run_id": parent, "stages": summary}

@@ -1,0 +1,216 @@
+"""The eight stages as data: what each reads, where it writes, and the thin call into llm/.
+
+Each `Stage` says which upstream stages it needs for a given config, which upstream outputs
+it reads (their content hashes go into its cache key), and how to call its llm/ function.
+flows/pipeline.py turns each into a Prefect task with MLflow tracking and caching.
+
+    python -m flows.stages tiny      # print the plan (stages, dependencies) of a preset
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from llm.config import STAGES, PipelineConfig
+from llm.result import StageResult
+
+# upstream: {stage: info}; info = {"outputs": {name: path}, "output_hashes": {name: sha}, ...}
+Upstream = dict[str, dict]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    out_root: str  # folder under the workdir that holds this stage's keyed artifact folders
+    deps: Callable[[PipelineConfig], list[str]]
+    reads: Callable[[PipelineConfig], list[tuple[str, str]]]  # (upstream stage, output name) pairs
+    body: Callable[..., StageResult]
+    resumable: bool = False  # keep a crashed run's work folder so the next run resumes from it
+
+
+def _is_source_name(value: str) -> bool:
+    """A source name (no path separators, no suffix) rather than a file path."""
+    return "/" not in value and "\\" not in value and "." not in value
+
+
+def needed_sources(cfg: PipelineConfig, stages: list[str], requested: tuple[str, ...] = ()) -> list[str]:
+    """Sources the download stage fetches: download.sources, plus what the planned stages read
+    (everything the preset uses when `download` or `all` was asked for explicitly)."""
+    names = list(cfg.download.sources)
+    if "download" in requested or "all" in requested:
+        stages = list(STAGES)
+    if "clean" in stages:
+        names += cfg.clean.sources
+    if "spam" in stages and _is_source_name(cfg.spam.source):
+        names.append(cfg.spam.source)
+    if "instruct" in stages and _is_source_name(cfg.instruct.data):
+        names.append(cfg.instruct.data)
+    return sorted(dict.fromkeys(names))
+
+
+def local_file_input(value: str, field: str) -> Path:
+    p = Path(value).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{field}: {value}: no such file")
+    return p
+
+
+# --- bodies: thin calls into llm/ -------------------------------------------------------------
+
+def _download(cfg: PipelineConfig, up: Upstream, out: Path, ctx) -> StageResult:
+    from llm.sources import run_download
+
+    section = cfg.download.model_copy(update={"sources": ctx.sources})
+    return run_download(section, out, progress=ctx.progress, log=ctx.log)
+
+
+def _clean(cfg, up, out, ctx):
+    from llm.clean import run_clean
+
+    files = up.get("download", {}).get("outputs", {})
+    inputs = {name: Path(files[name]) for name in cfg.clean.sources}
+    return run_clean(cfg.clean, inputs, out, progress=ctx.progress, log=ctx.log)
+
+
+def _shard(cfg, up, out, ctx):
+    from llm.shards import run_shard
+
+    return run_shard(cfg.shard, Path(up["clean"]["outputs"]["documents"]), out, progress=ctx.progress, log=ctx.log)
+
+
+def _pretrain(cfg, up, out, ctx):
+    from llm.train import run_pretrain
+
+    return run_pretrain(cfg.pretrain, Path(up["shard"]["outputs"]["shards"]), out, progress=ctx.progress,
+                        log=ctx.log, on_checkpoint=ctx.on_checkpoint)
+
+
+def _evaluate(cfg, up, out, ctx):
+    from llm.evaluate import run_evaluate
+
+    return run_evaluate(cfg.evaluate, Path(up["shard"]["outputs"]["shards"]),
+                        Path(up["pretrain"]["outputs"]["checkpoint"]), out, progress=ctx.progress, log=ctx.log)
+
+
+def _data_file(value: str, field: str, up: Upstream) -> Path:
+    if _is_source_name(value):
+        return Path(up["download"]["outputs"][value])
+    return local_file_input(value, field)
+
+
+def _base_checkpoint(init: str, up: Upstream) -> Optional[Path]:
+    return Path(up["pretrain"]["outputs"]["checkpoint"]) if init == "pretrain" else None
+
+
+def _spam(cfg, up, out, ctx):
+    from llm.spam import run_spam
+
+    return run_spam(cfg.spam, _data_file(cfg.spam.source, "spam.source", up), out,
+                    base_checkpoint=_base_checkpoint(cfg.spam.init, up), progress=ctx.progress, log=ctx.log)
+
+
+def _instruct(cfg, up, out, ctx):
+    from llm.instruct import run_instruct
+
+    return run_instruct(cfg.instruct, _data_file(cfg.instruct.data, "instruct.data", up), out,
+                        base_checkpoint=_base_checkpoint(cfg.instruct.init, up), progress=ctx.progress, log=ctx.log)
+
+
+def _judge(cfg, up, out, ctx):
+    from llm.judge import run_judge
+
+    return run_judge(cfg.judge, Path(up["instruct"]["outputs"]["responses"]), out,
+                     cache_path=ctx.workdir / "data" / "cache" / "judge.sqlite", progress=ctx.progress, log=ctx.log)
+
+
+# --- dependencies and reads ----------------------------------------------------------------------
+
+def _finetune_deps(source: str, init: str) -> list[str]:
+    return (["download"] if _is_source_name(source) else []) + (["pretrain"] if init == "pretrain" else [])
+
+
+def _finetune_reads(source: str, init: str) -> list[tuple[str, str]]:
+    reads = [("download", source)] if _is_source_name(source) else []
+    return reads + ([("pretrain", "checkpoint")] if init == "pretrain" else [])
+
+
+STAGE_DEFS: dict[str, Stage] = {
+    "download": Stage("download", "data/raw", lambda c: [], lambda c: [], _download),
+    "clean": Stage("clean", "data/clean", lambda c: ["download"] if c.clean.sources else [],
+                   lambda c: [("download", s) for s in c.clean.sources], _clean),
+    "shard": Stage("shard", "data/shards", lambda c: ["clean"], lambda c: [("clean", "documents")], _shard),
+    "pretrain": Stage("pretrain", "data/artifacts/pretrain", lambda c: ["shard"], lambda c: [("shard", "shards")],
+                      _pretrain, resumable=True),
+    "evaluate": Stage("evaluate", "data/artifacts/evaluate", lambda c: ["shard", "pretrain"],
+                      lambda c: [("shard", "shards"), ("pretrain", "checkpoint")], _evaluate),
+    "spam": Stage("spam", "data/artifacts/spam", lambda c: _finetune_deps(c.spam.source, c.spam.init),
+                  lambda c: _finetune_reads(c.spam.source, c.spam.init), _spam),
+    "instruct": Stage("instruct", "data/artifacts/instruct",
+                      lambda c: _finetune_deps(c.instruct.data, c.instruct.init),
+                      lambda c: _finetune_reads(c.instruct.data, c.instruct.init), _instruct, resumable=True),
+    "judge": Stage("judge", "data/artifacts/judge", lambda c: ["instruct"], lambda c: [("instruct", "responses")],
+                   _judge),
+}
+assert tuple(STAGE_DEFS) == STAGES
+
+
+def plan(cfg: PipelineConfig, requested: list[str]) -> list[str]:
+    """The requested stages plus everything they need, in pipeline order."""
+    want: set[str] = set()
+
+    def visit(s: str) -> None:
+        if s in want:
+            return
+        want.add(s)
+        for d in STAGE_DEFS[s].deps(cfg):
+            visit(d)
+
+    for s in requested:
+        if s == "all":
+            for t in STAGES:
+                visit(t)
+        else:
+            visit(s)
+    return [s for s in STAGES if s in want]
+
+
+def extra_input_hashes(stage: str, cfg: PipelineConfig) -> dict[str, str]:
+    """Content hashes of inputs that are not upstream outputs: user corpus files, local data files,
+    and for download the pinned entries of the sources it fetches."""
+    from flows.cache import sha256_file, stable_json
+
+    out: dict[str, str] = {}
+    if stage == "clean" and cfg.clean.corpus:
+        from llm.clean import resolve_corpus
+
+        for p in resolve_corpus(cfg.clean.corpus):
+            out[f"corpus:{p.resolve()}"] = sha256_file(p)
+    if stage == "spam" and not _is_source_name(cfg.spam.source):
+        out["spam.source"] = sha256_file(local_file_input(cfg.spam.source, "spam.source"))
+    if stage == "instruct" and not _is_source_name(cfg.instruct.data):
+        out["instruct.data"] = sha256_file(local_file_input(cfg.instruct.data, "instruct.data"))
+    return out
+
+
+def source_entries_hash(names: list[str]) -> str:
+    from flows.cache import stable_json
+    import hashlib
+    from llm.sources import load_sources
+
+    known = load_sources()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"download.sources: unknown source {unknown[0]!r}; expected one of {', '.join(sorted(known))}")
+    entries = {n: {"url": known[n].url, "sha256": known[n].sha256, "member": getattr(known[n], "member", None)}
+               for n in names}
+    return hashlib.sha256(stable_json(entries).encode()).hexdigest()
+
+
+if __name__ == "__main__":
+    from llm.config import load_config
+
+    c = load_config(sys.argv[1] if len(sys.argv) > 1 else "tiny")
+    for s in plan(c, ["all"]):
+        print(f"{s:9s} <- {', '.join(STAGE_DEFS[s].deps(c)) or '-'}")

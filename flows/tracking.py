@@ -1,0 +1,167 @@
+"""MLflow tracking for llmpipe: the store, parent/child runs, batched metrics, artifacts.
+
+The default store is a SQLite database under ./mlruns with artifacts beside it
+(``sqlite:///<workdir>/mlruns/mlflow.db`` + ``<workdir>/mlruns/artifacts``); the
+MLFLOW_TRACKING_URI environment variable overrides it (e.g. a remote tracking server).
+Everything goes through an explicit ``MlflowClient`` (not the fluent, thread-local API), so
+stage tasks running in Prefect worker threads log to the right run.
+
+Open the UI on the default store:
+
+    mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+EXPERIMENT = "llmpipe"
+MAX_PARAM_LEN = 6000
+
+
+def default_tracking_uri(workdir: Path) -> str:
+    return f"sqlite:///{(Path(workdir) / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+def tracking_uri(workdir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def git_commit(path: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """One MLflow client for a pipeline invocation."""
+
+    def __init__(self, workdir: Path, experiment: str = EXPERIMENT):
+        from mlflow.tracking import MlflowClient
+
+        _quiet_mlflow()
+
+        self.workdir = Path(workdir)
+        self.uri = tracking_uri(self.workdir)
+        if self.uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
+            (self.workdir / "mlruns").mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            artifact_location = None
+            if self.uri == default_tracking_uri(self.workdir):
+                artifact_location = (self.workdir / "mlruns" / "artifacts").resolve().as_uri()
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            except Exception:  # created concurrently by another process
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def start_run(self, name: str, tags: dict[str, str], parent_run_id: Optional[str] = None) -> str:
+        tags = {k: str(v) for k, v in tags.items()}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:
+        for p in paths:
+            p = Path(p)
+            if p.is_dir():
+                self.client.log_artifacts(run_id, str(p), artifact_path=(artifact_path or p.name))
+            elif p.exists():
+                self.client.log_artifact(run_id, str(p), artifact_path=artifact_path)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def metric_logger(self, run_id: str, flush_every: float = 5.0, max_buffer: int = 500) -> "BatchedMetricLogger":
+        return BatchedMetricLogger(self, run_id, flush_every, max_buffer)
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return f == f  # drop NaN
+
+
+class BatchedMetricLogger:
+    """Buffers `log(metrics, step)` calls and writes them with log_batch (one row per value is ~5 ms on SQLite)."""
+
+    def __init__(self, tracker: Tracker, run_id: str, flush_every: float, max_buffer: int):
+        from mlflow.entities import Metric
+
+        self._Metric = Metric
+        self.tracker, self.run_id = tracker, run_id
+        self.flush_every, self.max_buffer = flush_every, max_buffer
+        self.buffer: list = []
+        self.last_flush = time.monotonic()
+        self.lock = threading.Lock()
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        ts = int(time.time() * 1000)
+        with self.lock:
+            self.buffer.extend(self._Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v))
+            due = len(self.buffer) >= self.max_buffer or time.monotonic() - self.last_flush >= self.flush_every
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            items, self.buffer = self.buffer, []
+            self.last_flush = time.monotonic()
+        for i in range(0, len(items), 1000):
+            self.tracker.client.log_batch(self.run_id, metrics=items[i:i + 1000])
