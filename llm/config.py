@@ -110,6 +110,12 @@ class PretrainConfig(Section):
     nproc: int = Field(1, ge=1, description="DDP processes launched with torchrun")
     seed: int = 123
     sample_prompt: str = "Every effort moves you"
+    book_compat: bool = Field(
+        False,
+        description="replay the book's chapter-5 loop: PyTorch default init right after torch.manual_seed(seed), "
+        "weight decay on every parameter, DataLoader-style shuffles drawn from the global RNG, eval after "
+        "optimizer steps 1, 1+eval_every, ... with train loss re-measured on eval_batches train batches",
+    )
 
 
 class EvaluateConfig(Section):
