@@ -28,6 +28,11 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 STAGE_CHOICES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "judge", "all")
 
 
+from llm.config import ConfigError  # noqa: E402  (light: pydantic + yaml only)
+
+PLUGIN_MODULES = ("flows.server", "flows.serve")
+
+
 class UsageError(Exception):
     """Bad command-line input: printed as one line, exit code 2."""
 
@@ -106,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
+
+    # Subcommands that live in their own modules: each has register(subparsers) that adds its
+    # parser(s) and sets `func` (a callable(args) -> int) with set_defaults.
+    import importlib
+    import importlib.util
+
+    for mod in PLUGIN_MODULES:
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod).register(sub)
     return ap
 
 
@@ -131,7 +145,11 @@ def cmd_run(args) -> int:
     _validate_stages(args.force, "--force")
     from flows.pipeline import resolve
 
-    resolve(args.preset, args.config_file, args.overrides, args.mirror, args.corpus)  # fail fast on bad config
+    cfg = resolve(args.preset, args.config_file, args.overrides, args.mirror, args.corpus)  # fail fast on bad config
+    if cfg.clean.corpus:
+        from llm.clean import resolve_corpus
+
+        resolve_corpus(cfg.clean.corpus)  # a path that matches nothing is an error before anything runs
     if not args.debug:
         _quiet_prefect_errors()
     from flows.pipeline import pipeline
@@ -249,11 +267,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
-        return COMMANDS[args.command](args) or 0
+        func = getattr(args, "func", None) or COMMANDS[args.command]
+        return func(args) or 0
     except KeyboardInterrupt:
         print("llmpipe: interrupted", file=sys.stderr)
         return 130
-    except UsageError as e:
+    except (UsageError, ConfigError) as e:
         if debug:
             raise
         print(f"llmpipe: error: {e}", file=sys.stderr)

@@ -34,7 +34,7 @@ from prefect import flow, task
 from prefect.cache_policies import CachePolicy
 
 from flows.cache import hash_path, stage_key
-from flows.stages import STAGE_DEFS, extra_input_hashes, needed_sources, plan, source_entries_hash
+from flows.stages import STAGE_DEFS, extra_input_hashes, needed_sources, plan, source_entries_hash, sources_file
 from flows.tracking import Tracker, git_commit
 from llm.config import STAGES, PipelineConfig, load_config
 
@@ -63,18 +63,19 @@ class StageContext:
 
 # --- keys, folders, completeness -------------------------------------------------------------------
 
-def input_hashes(stage: str, cfg: PipelineConfig, upstream: dict[str, dict], sources: list[str]) -> dict[str, str]:
+def input_hashes(stage: str, cfg: PipelineConfig, upstream: dict[str, dict], sources: list[str],
+                 workdir: Path) -> dict[str, str]:
     hashes = {f"{up}.{name}": upstream[up]["output_hashes"][name] for up, name in STAGE_DEFS[stage].reads(cfg)}
     hashes.update(extra_input_hashes(stage, cfg))
     if stage == "download":
-        hashes["sources"] = source_entries_hash(sources)
+        hashes["sources"] = source_entries_hash(sources, sources_file(cfg, workdir))
     return hashes
 
 
 def section_for_key(stage: str, cfg: PipelineConfig, sources: list[str]) -> dict:
     section = cfg.section(stage).model_dump(mode="json")
     if stage == "download":  # where files come from does not change what they are (sha256 pinned)
-        section = {"sources": sources, "accept_changed": section["accept_changed"]}
+        section = {"sources": sources, "accept_changed": section["accept_changed"]}  # + pinned entries (inputs)
     if stage == "pretrain":
         section.pop("threads", None)  # how many threads run it does not change the result
     return section
@@ -278,7 +279,7 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
     try:
         for stage in order:
             section = section_for_key(stage, cfg, sources)
-            hashes = input_hashes(stage, cfg, upstream, sources)
+            hashes = input_hashes(stage, cfg, upstream, sources, wd)
             key = stage_key(stage, section, hashes)
             refresh = stage in forced or not is_complete(wd, stage, key)
             run = {"config": cfg.model_dump(mode="json"), "workdir": str(wd), "parent_run_id": parent,

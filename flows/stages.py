@@ -59,11 +59,27 @@ def local_file_input(value: str, field: str) -> Path:
 
 # --- bodies: thin calls into llm/ -------------------------------------------------------------
 
+def sources_file(cfg: PipelineConfig, workdir: Path) -> Path:
+    """download.sources_file, else <workdir>/data/sources.yaml, else the copy shipped with llmpipe."""
+    from llm.sources import default_sources_path
+
+    if cfg.download.sources_file:
+        p = Path(cfg.download.sources_file).expanduser()
+        if not p.is_absolute():
+            p = workdir / p
+        if not p.is_file():
+            raise FileNotFoundError(f"download.sources_file: {p}: no such file")
+        return p
+    local = workdir / "data" / "sources.yaml"
+    return local if local.is_file() else default_sources_path()
+
+
 def _download(cfg: PipelineConfig, up: Upstream, out: Path, ctx) -> StageResult:
     from llm.sources import run_download
 
     section = cfg.download.model_copy(update={"sources": ctx.sources})
-    return run_download(section, out, progress=ctx.progress, log=ctx.log)
+    return run_download(section, out, progress=ctx.progress, log=ctx.log,
+                        sources_path=sources_file(cfg, ctx.workdir))
 
 
 def _clean(cfg, up, out, ctx):
@@ -179,7 +195,7 @@ def plan(cfg: PipelineConfig, requested: list[str]) -> list[str]:
 def extra_input_hashes(stage: str, cfg: PipelineConfig) -> dict[str, str]:
     """Content hashes of inputs that are not upstream outputs: user corpus files, local data files,
     and for download the pinned entries of the sources it fetches."""
-    from flows.cache import sha256_file, stable_json
+    from flows.cache import sha256_file
 
     out: dict[str, str] = {}
     if stage == "clean" and cfg.clean.corpus:
@@ -194,15 +210,18 @@ def extra_input_hashes(stage: str, cfg: PipelineConfig) -> dict[str, str]:
     return out
 
 
-def source_entries_hash(names: list[str]) -> str:
-    from flows.cache import stable_json
+def source_entries_hash(names: list[str], path: Path) -> str:
+    """Hash of the pinned entries (url, sha256, member) of the sources the download stage fetches."""
     import hashlib
+
+    from flows.cache import stable_json
     from llm.sources import load_sources
 
-    known = load_sources()
+    known = load_sources(path)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"download.sources: unknown source {unknown[0]!r}; expected one of {', '.join(sorted(known))}")
+        raise ValueError(f"{path}: no source named {unknown[0]!r} (asked for by the config); "
+                         f"expected one of {', '.join(sorted(known))}")
     entries = {n: {"url": known[n].url, "sha256": known[n].sha256, "member": getattr(known[n], "member", None)}
                for n in names}
     return hashlib.sha256(stable_json(entries).encode()).hexdigest()

@@ -28,7 +28,7 @@ def stage_table(stages, preset, config_file, overrides, mirror, corpus, workdir:
             rows.append({"stage": stage, "state": "pending", "key": None, "artifact_dir": "-"})
             continue
         section = section_for_key(stage, cfg, sources)
-        key = stage_key(stage, section, input_hashes(stage, cfg, known, sources))
+        key = stage_key(stage, section, input_hashes(stage, cfg, known, sources, wd))
         done = is_complete(wd, stage, key)
         rows.append({"stage": stage, "state": "cached" if done else "stale", "key": key,
                      "artifact_dir": str(artifact_dir(wd, stage, key))})

@@ -46,6 +46,9 @@ class DownloadConfig(Section):
     )
     retries: int = Field(3, ge=0, description="retries of a transient failure (with backoff)")
     timeout: float = Field(60.0, gt=0, description="seconds per HTTP request")
+    sources_file: Optional[str] = Field(
+        None, description="sources.yaml to use (default: <workdir>/data/sources.yaml, else the one shipped with llmpipe)"
+    )
 
 
 class CleanConfig(Section):
@@ -146,6 +149,7 @@ class SpamConfig(Section):
     max_steps: Optional[int] = Field(None, ge=1)
     seed: int = 123
     baseline: bool = True
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = cores actually free)")
 
 
 class InstructConfig(Section):
