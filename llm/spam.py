@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +221,14 @@ def set_train_mode(model: GPT, mode: str, lora_rank: int = 16, lora_alpha: float
         for p in m.parameters():
             p.requires_grad_(True)
     return wrapped
+
+
+def make_adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused where torch supports it (on CPU ~10x faster over a 50257-row embedding)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def _device() -> torch.device:
@@ -468,6 +477,19 @@ def load_backbone(cfg: SpamConfig, base_checkpoint: Optional[Path]) -> GPT:
     return load_pretrained(cfg.init)
 
 
+def free_cores() -> int:
+    """CPU cores this process may use: allowed cores minus the load other processes put on them."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return max(1, cores - int(load))
+
+
 def run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: Optional[Path] = None,
              progress: bool = True, log: Optional[MetricLogger] = None) -> StageResult:
     """Finetune a GPT backbone as a ham/spam classifier; write splits, plots, predictions, classifier.
@@ -475,7 +497,19 @@ def run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: O
     Returns metrics (accuracies, test F1/precision/recall, the TF-IDF baseline, split counts),
     artifacts (split parquets, test_predictions.parquet, loss/accuracy/confusion PNGs) and
     outputs {"classifier": out_dir/"classifier"} (load it with load_classifier).
+    Runs with cfg.threads torch threads (0 = the cores not already busy; oversubscribed
+    cores slow small-matrix training by an order of magnitude), restored afterwards.
     """
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or free_cores())
+    try:
+        return _run_spam(cfg, data_file, out_dir, base_checkpoint, progress, log)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: Optional[Path],
+              progress: bool, log: Optional[MetricLogger]) -> StageResult:
     log = log_or_null(log)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -510,7 +544,7 @@ def run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: O
     train_b = _Batches(train_ids, train_df["label"], cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
     val_b = _Batches(val_ids, val_df["label"], cfg.batch_size)
     test_b = _Batches(test_ids, test_df["label"], cfg.batch_size)
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_adamw(trainable, cfg.lr, cfg.weight_decay)
 
     total = cfg.epochs * len(train_b)
     if cfg.max_steps is not None:
@@ -607,7 +641,7 @@ def run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: O
         "train_mode": cfg.train_mode, "test_accuracy": metrics["test_accuracy"]})
     metrics["stage_seconds"] = time.time() - t_start
     params = {"max_length": L, "train_mode": cfg.train_mode, "lora_modules": len(wrapped),
-              "backbone": cfg.init, "device": str(device)}
+              "backbone": cfg.init, "device": str(device), "threads": torch.get_num_threads()}
     return StageResult(metrics=metrics, params=params, artifacts=artifacts, outputs={"classifier": clf_dir})
 
 
