@@ -237,9 +237,7 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False)
 def make_optimizer(model: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, decay_all=cfg.book_compat)
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
-    if cfg.book_compat:
-        return torch.optim.AdamW(groups, **kw)  # the book's call: PyTorch's default implementation
-    try:
+    try:  # the fused kernel computes the same update as the book's default AdamW, much faster on CPU
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, ValueError, TypeError):
         return torch.optim.AdamW(groups, foreach=True, **kw)

@@ -180,9 +180,9 @@ def test_book_compat_replays_the_books_training_loop(shards, tmp_path):
     res = run_pretrain(cfg, shards, tmp_path / "ours", progress=False)
     hist = json.loads((tmp_path / "ours" / "history.json").read_text())
     assert hist["tokens_seen"] == book_tokens
-    assert hist["train_loss"] == pytest.approx(book_train, abs=2e-4)
-    assert hist["val_loss"] == pytest.approx(book_val, abs=2e-4)
-    assert res.metrics["train_loss"] == pytest.approx(book_train[-1], abs=2e-4)
+    assert hist["train_loss"] == pytest.approx(book_train, abs=1e-5)
+    assert hist["val_loss"] == pytest.approx(book_val, abs=1e-5)
+    assert res.metrics["train_loss"] == pytest.approx(book_train[-1], abs=1e-5)
 
 
 @pytest.mark.parametrize("book", [False, True])
