@@ -10,15 +10,19 @@ hashes tiktoken pins (tiktoken_ext/openai_public.py) and builds the same `tiktok
     enc.encode("This is some text")                     # [1212, 318, 617, 2420]
     docs = encode_documents(["Hello world.", "Bye."])   # uint16 arrays, each ending with EOT (50256)
 
-    with EncoderPool(workers=4) as pool:                # reuse worker processes across many calls
+    with EncoderPool(workers=4) as pool:                # reuse the workers across many calls
         for batch in batches:
             arrays = pool.encode_documents(batch)
 
-`encode_documents` encodes in worker *processes* when `workers != 1` and the input is large
-enough to pay for starting them (threads scale poorly: tiktoken's Python-side list building holds
-the GIL). Long documents are cut into pieces only at a newline that follows a non-space character:
-no GPT-2 pre-token crosses such a point and none of the regex look-aheads see past it, so the pieces'
-tokens concatenate to exactly the whole document's tokens.
+`encode_documents` encodes in parallel when `workers != 1`. The default backend is a thread pool:
+tiktoken's `encode_to_numpy` releases the GIL for the whole BPE encode (src/py.rs wraps it in
+`py.detach`) and returns a buffer instead of a Python list, so threads scale across cores with no
+start-up cost, no pickling and no copy. (Threads over `encode`/`encode_ordinary` scale worse:
+building the Python list of ints holds the GIL.) backend="process" uses spawned worker processes
+instead; they cost ~0.3-1 s to start and pay off only for very large inputs. Long documents are
+cut into pieces only at a newline that follows a non-space character: no GPT-2 pre-token crosses
+such a point and none of the regex look-aheads see past it, so the pieces' tokens concatenate to
+exactly the whole document's tokens.
 
 Run `python -m llm.tokenizer "some text"` to print the ids of a text.
 """
@@ -31,7 +35,7 @@ import os
 import re
 import sys
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -55,8 +59,11 @@ ENCODER_JSON_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/m
 
 # Below this many characters in one call, worker processes cost more than they save.
 MIN_PARALLEL_CHARS = 4_000_000
-# Target size of one unit of work sent to a worker, and of one piece of a long document.
+# Largest unit of work sent to a worker, and largest piece of a long document (characters); the
+# unit shrinks (down to MIN_PIECE_CHARS) so every worker gets about 4 units.
 PIECE_CHARS = 1 << 20
+MIN_PIECE_CHARS = 1 << 16
+BACKENDS = ("thread", "process")
 
 
 def bpe_files() -> tuple[Path, Path]:
@@ -223,37 +230,49 @@ def _assemble(results: list[tuple[np.ndarray, np.ndarray]], where: list[list[tup
 
 
 class EncoderPool:
-    """Worker processes that encode documents; reuse one across many `encode_documents` calls.
+    """Workers that encode documents; reuse one across many `encode_documents` calls.
 
-    workers=0 means every free core. With workers == 1 everything runs in this process.
-    Use as a context manager (or call close()) so the processes end.
+    workers: 0 = every free core, 1 = everything in this process, N = N workers.
+    backend: "thread" (default; see the module docstring) or "process" (spawned processes).
+    Use as a context manager (or call close()) so the workers end.
     """
 
-    def __init__(self, workers: int = 0, piece_chars: int = PIECE_CHARS):
+    def __init__(self, workers: int = 0, piece_chars: int = PIECE_CHARS, backend: str = "thread"):
         if workers < 0:
             raise ValueError(f"workers: expected >= 0 (0 = every free core), got {workers}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
         self.workers = free_cores() if workers == 0 else workers
         self.piece_chars = piece_chars
-        self._executor: Optional[ProcessPoolExecutor] = None
+        self.backend = backend
+        self._executor: Optional[Executor] = None
 
-    def _pool(self) -> ProcessPoolExecutor:
+    def _pool(self) -> Executor:
         if self._executor is None:
-            # spawn, not fork: the caller may be multi-threaded (Prefect, MLflow, torch).
-            ctx = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
+            if self.backend == "thread":
+                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="llmpipe-tokenize")
+            else:
+                # spawn, not fork: the caller may be multi-threaded (Prefect, MLflow, torch).
+                ctx = multiprocessing.get_context("spawn")
+                self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
         return self._executor
 
     def encode_documents(self, texts: Sequence[str], allow_special: bool = True) -> list[np.ndarray]:
-        """Like module-level `encode_documents`, using this pool's processes whenever workers > 1."""
-        units, where = _plan(texts, self.piece_chars)
+        """Like module-level `encode_documents`, spread over this pool's workers when workers > 1."""
+        total = sum(len(t) for t in texts if isinstance(t, str))
+        unit = self.piece_chars
+        if self.workers > 1:
+            unit = max(min(self.piece_chars, MIN_PIECE_CHARS), min(self.piece_chars, total // (4 * self.workers)))
+        units, where = _plan(texts, max(1, unit))
         if self.workers == 1 or len(units) <= 1:
             results = [_encode_pieces(u, allow_special) for u in units]
         else:
+            get_encoding()  # build it once here rather than racing in several threads
             try:
                 results = list(self._pool().map(_encode_pieces, units, [allow_special] * len(units)))
             except BrokenProcessPool:
-                # A worker could not start (e.g. __main__ is a script spawn cannot re-import, such
-                # as <stdin>) or died: encode here instead, correct if slower.
+                # A worker process could not start (e.g. __main__ is a script spawn cannot re-import,
+                # such as <stdin>) or died: encode here instead, correct if slower.
                 warnings.warn("tokenizer worker processes failed; encoding in this process", RuntimeWarning)
                 self.close()
                 self.workers = 1
@@ -273,21 +292,22 @@ class EncoderPool:
 
 
 def encode_documents(texts: Sequence[str], workers: int = 0, allow_special: bool = True,
-                     pool: Optional[EncoderPool] = None) -> list[np.ndarray]:
+                     pool: Optional[EncoderPool] = None, backend: str = "thread") -> list[np.ndarray]:
     """Encode each text to a uint16 array of its GPT-2 tokens followed by EOT (50256).
 
-    workers: 0 = every free core, 1 = in this process, N = N worker processes. Processes are only
-    started when the input holds at least MIN_PARALLEL_CHARS characters; pass an `EncoderPool` to
-    reuse processes across calls (then `workers` is ignored). allow_special: see `encode`.
+    workers: 0 = every free core, 1 = in this thread, N = N workers (threads, or processes with
+    backend="process"; processes are only started for at least MIN_PARALLEL_CHARS characters).
+    Pass an `EncoderPool` to reuse workers across calls (then `workers`/`backend` are ignored).
+    allow_special: see `encode`.
     """
     if pool is not None:
         return pool.encode_documents(texts, allow_special)
-    total = sum(len(t) for t in texts if isinstance(t, str))
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     n = free_cores() if workers == 0 else workers
-    if n == 1 or total < MIN_PARALLEL_CHARS:
-        units, where = _plan(texts, PIECE_CHARS)
-        return _assemble([_encode_pieces(u, allow_special) for u in units], where)
-    with EncoderPool(n) as p:
+    if backend == "process" and sum(len(t) for t in texts if isinstance(t, str)) < MIN_PARALLEL_CHARS:
+        n = 1
+    with EncoderPool(n, backend=backend) as p:
         return p.encode_documents(texts, allow_special)
 
 

@@ -110,14 +110,15 @@ def test_split_points_keep_tokens_exact():
         assert got[2].tolist() == enc.encode(text[:10], allowed_special="all") + [EOT]
 
 
-def test_worker_processes_give_identical_ids():
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_workers_give_identical_ids(backend):
     docs = [VARIED * 30, "tiny", "", VARIED[::-1] * 20]
     enc = get_encoding()
     expected = [enc.encode(d, allowed_special="all") + [EOT] for d in docs]
-    with EncoderPool(workers=2, piece_chars=2000) as pool:
+    with EncoderPool(workers=2, piece_chars=2000, backend=backend) as pool:
         got = pool.encode_documents(docs)
         got2 = pool.encode_documents(docs[:2])  # the pool is reused
-        assert pool._executor is not None  # really ran in worker processes
+        assert pool._executor is not None and pool.workers == 2  # really ran on the workers
     assert [g.tolist() for g in got] == expected
     assert [g.tolist() for g in got2] == expected[:2]
 
@@ -127,3 +128,5 @@ def test_bad_input():
         encode_documents(["ok", 3], workers=1)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="workers"):
         EncoderPool(workers=-1)
+    with pytest.raises(ValueError, match="backend: expected one of thread, process, got 'gpu'"):
+        encode_documents(["x"], backend="gpu")

@@ -1,0 +1,168 @@
+"""Benchmark: llmpipe's tokenize+shard path vs the fastest raw tiktoken paths, side by side.
+
+The six Project Gutenberg books (default: ../shared/data/gutenberg) are cleaned with llm.clean's
+steps and written once to a documents.parquet. Then each path runs in a fresh subprocess (so its
+peak RSS is its own), best of --repeats:
+
+  llmpipe run_shard        llm.shards.run_shard: read Parquet, tail split, tokenize on --workers
+                           threads, write hashed shards + manifest (everything the stage does)
+  llmpipe encode_documents llm.tokenizer.encode_documents on the in-memory texts (tokenizing only),
+                           thread backend and process backend
+  raw encode_to_numpy      tiktoken Encoding.encode_to_numpy per book, in this process
+  raw encode_ordinary_batch tiktoken's thread-pool batch API (lists of ints), in this process
+  raw 2 processes          encode_to_numpy per book in a 2-process pool (pool start included)
+
+Throughput is MB/s of cleaned UTF-8 text per wall second (process start-up of the pools is
+included, interpreter start-up is not). The ratio compares llmpipe run_shard with the fastest raw
+path. The token ids of llmpipe's shards are checked against tiktoken's for the same text.
+
+    python benchmarks/tokenize.py [--data ../shared/data/gutenberg] [--repeats 3] [--workers 2]
+
+The machine may be shared: the load average before and after is printed with the figures.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this file's folder is sys.path[0] and its name would shadow the standard
+# library's `tokenize` module (imported by logging/linecache): drop that entry first.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse
+import json
+import resource
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BOOKS = ["11-0.txt", "Pride_and_Prejudice_JaneAusten.txt", "98-0.txt", "145-0.txt", "2701-0.txt", "pg1260.txt"]
+
+
+def _texts(documents: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(documents, columns=["text"]).column("text").to_pylist()
+
+
+def _raw_encode(text: str):
+    from llm.tokenizer import get_encoding
+
+    return get_encoding().encode_to_numpy(text, allowed_special={"<|endoftext|>"}).astype("uint16")
+
+
+def run_one(mode: str, documents: Path, workers: int) -> dict:
+    """One timed run of one path (called in a fresh subprocess)."""
+    import multiprocessing
+
+    from llm.tokenizer import encode_documents, get_encoding
+
+    if mode == "llmpipe_run_shard":
+        from llm.config import ShardConfig
+        from llm.shards import run_shard  # imports torch (TokenWindows): only where it is used
+
+    enc = get_encoding()  # build the ranks before timing, for every path
+    texts = _texts(documents)
+    t0 = time.perf_counter()
+    if mode == "llmpipe_run_shard":
+        with tempfile.TemporaryDirectory() as d:
+            res = run_shard(ShardConfig(workers=workers), documents, Path(d) / "shards", progress=False)
+            tokens = int(res.metrics["train_tokens"] + res.metrics["val_tokens"])
+    elif mode == "llmpipe_encode_documents":
+        tokens = sum(len(a) for a in encode_documents(texts, workers=workers))
+    elif mode == "llmpipe_encode_processes":
+        tokens = sum(len(a) for a in encode_documents(texts, workers=workers, backend="process"))
+    elif mode == "raw_encode_to_numpy":
+        tokens = sum(len(enc.encode_to_numpy(t, allowed_special={"<|endoftext|>"})) for t in texts)
+    elif mode == "raw_encode_ordinary_batch":
+        tokens = sum(len(x) for x in enc.encode_ordinary_batch(texts))
+    elif mode == "raw_2_processes":
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(2, mp_context=ctx) as ex:
+            tokens = sum(len(a) for a in ex.map(_raw_encode, texts))
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    dt = time.perf_counter() - t0
+    # VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec, so it would include the parent's size.
+    self_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"mode": mode, "seconds": dt, "tokens": tokens, "rss_mb": self_kb / 1024, "child_rss_mb": child_kb / 1024}
+
+
+MODES = ["llmpipe_run_shard", "llmpipe_encode_documents", "llmpipe_encode_processes", "raw_encode_to_numpy",
+         "raw_encode_ordinary_batch", "raw_2_processes"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gutenberg"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--documents", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, Path(args.documents), args.workers)))
+        return
+
+    from llm.clean import run_clean
+    from llm.config import CleanConfig, ShardConfig
+    from llm.shards import read_tokens, run_shard
+    from llm.tokenizer import EOT, get_encoding
+
+    data = Path(args.data)
+    files = {Path(b).stem: data / b for b in BOOKS}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        sys.exit(f"benchmark data not found: {', '.join(missing)} (use --data)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clean = run_clean(CleanConfig(), files, tmp / "clean", progress=False)
+        documents = clean.outputs["documents"]
+        texts = _texts(documents)
+        nbytes = sum(len(t.encode("utf-8")) for t in texts)
+        print(f"corpus: {len(texts)} cleaned books, {sum(map(len, texts)):,} chars, {nbytes / 1e6:.2f} MB UTF-8")
+        print(f"cpus: {len(os.sched_getaffinity(0))}, load average before: {os.getloadavg()}")
+
+        # Correctness: llmpipe's shard tokens equal tiktoken's ids for the same train/val text parts.
+        res = run_shard(ShardConfig(workers=args.workers), documents, tmp / "shards", progress=False)
+        enc = get_encoding()
+        expect_train, expect_val = [], []
+        for t in texts:
+            cut = int(0.9 * len(t))
+            expect_train += enc.encode(t[:cut], allowed_special="all") + [EOT]
+            expect_val += enc.encode(t[cut:], allowed_special="all") + [EOT]
+        ok = (read_tokens(tmp / "shards", "train").tolist() == expect_train
+              and read_tokens(tmp / "shards", "val").tolist() == expect_val)
+        print(f"llmpipe shard tokens == tiktoken ids: {ok} ({int(res.metrics['train_tokens'] + res.metrics['val_tokens']):,} tokens)")
+
+        results: dict[str, list[dict]] = {m: [] for m in MODES}
+        for _ in range(args.repeats):
+            for mode in MODES:  # interleaved, so load changes hit every path alike
+                out = subprocess.run([sys.executable, __file__, "--one", mode, "--documents", str(documents),
+                                      "--workers", str(args.workers)], capture_output=True, text=True, cwd=ROOT)
+                if out.returncode != 0:
+                    sys.exit(f"{mode} failed:\n{out.stderr}")
+                results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"load average after: {os.getloadavg()}")
+        print(f"\n{'path':28s} {'best s':>8s} {'MB/s':>8s} {'tokens':>10s} {'peak RSS MB':>12s} {'workers RSS MB':>15s}")
+        best = {}
+        for mode, runs in results.items():
+            r = min(runs, key=lambda x: x["seconds"])
+            best[mode] = nbytes / 1e6 / r["seconds"]
+            print(f"{mode:28s} {r['seconds']:8.3f} {best[mode]:8.2f} {r['tokens']:10,d} {max(x['rss_mb'] for x in runs):12.0f} "
+                  f"{max(x['child_rss_mb'] for x in runs):15.0f}")
+        raw = {m: v for m, v in best.items() if m.startswith("raw_")}
+        fastest = max(raw, key=raw.get)
+        print(f"\nratio llmpipe run_shard / fastest raw ({fastest}): {best['llmpipe_run_shard'] / raw[fastest]:.2f}x")
+        print(f"ratio llmpipe encode_documents / fastest raw: {best['llmpipe_encode_documents'] / raw[fastest]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
