@@ -109,6 +109,7 @@ class PretrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
     threads: int = Field(0, ge=0, description="torch threads (0 = cores actually free)")
     nproc: int = Field(1, ge=1, description="DDP processes launched with torchrun")
     seed: int = 123
