@@ -174,6 +174,10 @@ class InstructConfig(Section):
     test_limit: Optional[int] = Field(None, ge=1, description="generate responses for at most N test records")
     max_new_tokens: int = Field(256, ge=1)
     seed: int = 123
+    shuffle: bool = Field(False, description="shuffle the records (seeded) before the 85/10/5 split; the book does not")
+    lora_targets: list[str] = Field(default_factory=lambda: ["att", "ff", "out_head"])
+    threads: int = Field(0, ge=0, description="torch threads (0 = cores not already busy)")
+    keep_checkpoints: int = Field(2, ge=1)
 
 
 class JudgeConfig(Section):
