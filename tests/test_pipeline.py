@@ -161,3 +161,21 @@ def test_stage_error_names_the_source_and_leaves_no_partial_output(prefect_serve
     with pytest.raises(Exception, match=r"text_a.*sha256|sha256.*text_a"):
         run(workdir, ["download"])
     assert not (workdir / "data" / "raw" / "a.txt").exists()
+
+
+def test_which_stages_run_for_three_edits(prefect_server, workdir):
+    """spam.lr re-runs only spam; a clean edit re-runs what its changed output feeds;
+    byte-identical shards (shard forced) leave pretrain cached."""
+    first = run(workdir, ["evaluate", "spam"])
+    assert ran(first) == ["download", "clean", "shard", "pretrain", "evaluate", "spam"]
+    assert 0.0 <= first["stages"]["spam"]["metrics"]["test_accuracy"] <= 1.0
+    assert first["stages"]["evaluate"]["metrics"]["val_perplexity"] > 1.0
+
+    assert ran(run(workdir, ["evaluate", "spam"], "spam.lr=1e-4")) == ["spam"]
+
+    edited = run(workdir, ["evaluate", "spam"], "spam.lr=1e-4", "clean.min_chars=6000")
+    assert ran(edited) == ["clean", "shard", "pretrain", "evaluate", "spam"]
+
+    forced = run(workdir, ["evaluate", "spam"], "spam.lr=1e-4", "clean.min_chars=6000", force=["shard"])
+    assert ran(forced) == ["shard"]
+    assert forced["stages"]["pretrain"]["artifact_dir"] == edited["stages"]["pretrain"]["artifact_dir"]
