@@ -16,7 +16,7 @@ Throughput is MB/s of cleaned UTF-8 text per wall second (process start-up of th
 included, interpreter start-up is not). The ratio compares llmpipe run_shard with the fastest raw
 path. The token ids of llmpipe's shards are checked against tiktoken's for the same text.
 
-    python benchmarks/tokenize.py [--data ../shared/data/gutenberg] [--repeats 3] [--workers 2]
+    python benchmarks/tokenize.py [--data ../shared/data/gutenberg] [--repeats 3] [--workers 0]
 
 The machine may be shared: the load average before and after is printed with the figures.
 """
@@ -103,7 +103,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gutenberg"))
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=0,
+                    help="llmpipe tokenizer workers (default 0 = the stage default: every free core)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--documents", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -128,7 +129,10 @@ def main() -> None:
         texts = _texts(documents)
         nbytes = sum(len(t.encode("utf-8")) for t in texts)
         print(f"corpus: {len(texts)} cleaned books, {sum(map(len, texts)):,} chars, {nbytes / 1e6:.2f} MB UTF-8")
-        print(f"cpus: {len(os.sched_getaffinity(0))}, load average before: {os.getloadavg()}")
+        from llm.tokenizer import free_cores
+
+        print(f"cpus: {len(os.sched_getaffinity(0))}, free cores now: {free_cores()}, "
+              f"llmpipe workers: {args.workers or 'free cores'}, load average before: {os.getloadavg()}")
 
         # Correctness: llmpipe's shard tokens equal tiktoken's ids for the same train/val text parts.
         res = run_shard(ShardConfig(workers=args.workers), documents, tmp / "shards", progress=False)

@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -51,6 +52,7 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 SCHEMA = pa.schema([("tokens", pa.list_(pa.uint16())), ("doc_id", pa.string()), ("source", pa.string())])
 BATCH_ROWS = 64  # documents per record batch read from documents.parquet
+SUB_BATCH_CHARS = 1 << 21  # characters tokenized per step; the previous step is written meanwhile
 ROW_GROUP_BYTES = 16 << 20  # token payload per Parquet row group inside a shard
 MB = 1_000_000
 
@@ -163,8 +165,32 @@ def run_shard(cfg: ShardConfig, documents: Path, out_dir: Path, progress: bool =
     per_source: dict[str, dict[str, int]] = {}
     docs = {"train": 0, "val": 0}
     n_docs = pf.metadata.num_rows
+    tokens_done = {"train": 0, "val": 0}
+
+    def write(parts: list[tuple[str, str, str, str]], encoded: list[np.ndarray]) -> None:
+        # Runs on the single writer thread, in submission order (Parquet compression releases the GIL,
+        # so it overlaps with the tokenizer threads working on the next sub-batch).
+        for (split, doc_id, source, _), ids_arr in zip(parts, encoded):
+            writers[split].add(ids_arr, doc_id, source)
+            docs[split] += 1
+            ps = per_source.setdefault(source, {"train_docs": 0, "val_docs": 0, "train_tokens": 0, "val_tokens": 0})
+            ps[f"{split}_docs"] += 1
+            ps[f"{split}_tokens"] += len(ids_arr)
+
+    def sub_batches(parts: list[tuple[str, str, str, str]]):
+        start, chars = 0, 0
+        for i, p in enumerate(parts):
+            chars += len(p[3])
+            if chars >= SUB_BATCH_CHARS:
+                yield parts[start:i + 1]
+                start, chars = i + 1, 0
+        if start < len(parts):
+            yield parts[start:]
+
+    pending: Optional[Future] = None
     try:
-        with tok.EncoderPool(cfg.workers) as pool, tqdm(total=n_docs, desc="shard", unit="doc", disable=not progress) as bar:
+        with tok.EncoderPool(cfg.workers) as pool, ThreadPoolExecutor(1, thread_name_prefix="llmpipe-shard-writer") as wex, \
+                tqdm(total=n_docs, desc="shard", unit="doc", disable=not progress) as bar:
             seen = 0
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["doc_id", "source", "text"]):
                 ids = batch.column("doc_id").to_pylist()
@@ -183,18 +209,18 @@ def run_shard(cfg: ShardConfig, documents: Path, out_dir: Path, progress: bool =
                     else:
                         split = "val" if _in_val(doc_id, cfg.seed, cfg.val_fraction) else "train"
                         parts.append((split, doc_id, source, text))
-                encoded = pool.encode_documents([p[3] for p in parts])
-                for (split, doc_id, source, _), ids_arr in zip(parts, encoded):
-                    writers[split].add(ids_arr, doc_id, source)
-                    docs[split] += 1
-                    ps = per_source.setdefault(source, {"train_docs": 0, "val_docs": 0,
-                                                        "train_tokens": 0, "val_tokens": 0})
-                    ps[f"{split}_docs"] += 1
-                    ps[f"{split}_tokens"] += len(ids_arr)
+                for sub in sub_batches(parts):
+                    encoded = pool.encode_documents([p[3] for p in sub])
+                    for p, arr in zip(sub, encoded):
+                        tokens_done[p[0]] += len(arr)
+                    if pending is not None:
+                        pending.result()  # at most one sub-batch waits for the writer
+                    pending = wex.submit(write, sub, encoded)
                 seen += len(ids)
                 bar.update(len(ids))
-                log({"documents_done": seen, "train_tokens": writers["train"].tokens,
-                     "val_tokens": writers["val"].tokens}, seen)
+                log({"documents_done": seen, "train_tokens": tokens_done["train"], "val_tokens": tokens_done["val"]}, seen)
+            if pending is not None:
+                pending.result()
         for w in writers.values():
             w.close()
     except BaseException:

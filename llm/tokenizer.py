@@ -171,18 +171,18 @@ def _encode_pieces(pieces: Sequence[tuple[str, bool]], allow_special: bool) -> t
     enc = get_encoding()
     allowed = {ENDOFTEXT} if allow_special else set()
     disallowed = "all" if allow_special else ()
-    parts: list[np.ndarray] = []
-    lengths = np.empty(len(pieces), dtype=np.int64)
-    eot = np.array([EOT], dtype=np.uint32)
-    for i, (text, last) in enumerate(pieces):
-        ids = enc.encode_to_numpy(text, allowed_special=allowed, disallowed_special=disallowed)
-        parts.append(ids)
-        n = len(ids)
+    encoded = [enc.encode_to_numpy(text, allowed_special=allowed, disallowed_special=disallowed)
+               for text, _ in pieces]
+    lengths = np.fromiter((len(ids) + last for ids, (_, last) in zip(encoded, pieces)), dtype=np.int64,
+                          count=len(pieces))
+    flat = np.empty(int(lengths.sum()), dtype=np.uint16)  # one pass: uint32 -> uint16 on assignment
+    pos = 0
+    for ids, (_, last) in zip(encoded, pieces):
+        flat[pos:pos + len(ids)] = ids
+        pos += len(ids)
         if last:
-            parts.append(eot)
-            n += 1
-        lengths[i] = n
-    flat = np.concatenate(parts).astype(np.uint16) if parts else np.empty(0, dtype=np.uint16)
+            flat[pos] = EOT
+            pos += 1
     return flat, lengths
 
 

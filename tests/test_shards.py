@@ -110,7 +110,10 @@ def test_document_split_is_seeded_and_whole(tmp_path):
     assert other != val1
 
 
-def test_shard_cap_creates_several_files(tmp_path):
+def test_shard_cap_creates_several_files(tmp_path, monkeypatch):
+    import llm.shards
+
+    monkeypatch.setattr(llm.shards, "SUB_BATCH_CHARS", 100)  # many tokenize/write steps, overlapped
     many = [(f"d{i}", "src", f"Row {i}: " + "word " * (5 + i)) for i in range(30)]
     docs = write_docs(tmp_path / "d.parquet", many)
     out = tmp_path / "s"
