@@ -1,0 +1,10 @@
+"""Shared pytest configuration: markers.
+
+    server: the test starts real local Prefect / MLflow server processes (slower; still run by default).
+            Skip them with `python -m pytest -m "not server"`.
+"""
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "server: starts real local Prefect/MLflow server processes (slower; run by "
+                                       "default, deselect with -m 'not server')")

@@ -1,0 +1,160 @@
+"""`llmpipe server start|status|stop` with real Prefect and MLflow server processes on free ports.
+
+Each test uses its own temporary workdir (state in <workdir>/.llmpipe, Prefect database there too,
+MLflow store in <workdir>/mlruns); every process a test starts is stopped before it ends.
+
+    python -m pytest -q tests/test_server.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.server import SERVICES, free_port, pid_alive, prefect_api_url, read_state, status, stop_service
+
+pytestmark = pytest.mark.server
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI"))}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
+def llmpipe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the CLI as the `llmpipe` console script does (flows.cli:main) in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())", *args],
+                          capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _get(url: str) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=10) as r:
+        return r.read().decode()
+
+
+def _two_free_ports() -> tuple[int, int]:
+    a = free_port()
+    b = free_port()
+    while b == a:
+        b = free_port()
+    return a, b
+
+
+def test_start_status_stop_with_real_processes(tmp_path):
+    wd = tmp_path / "work"
+    wd.mkdir()
+    pport, mport = _two_free_ports()
+    try:
+        r = llmpipe("server", "start", "--prefect-port", str(pport), "--mlflow-port", str(mport), "--workdir", str(wd))
+        assert r.returncode == 0, r.stderr + r.stdout
+        assert f"prefect: running (pid" in r.stdout and f"at http://127.0.0.1:{pport}" in r.stdout
+        assert f"mlflow: running (pid" in r.stdout and f"at http://127.0.0.1:{mport}" in r.stdout
+        state = wd / ".llmpipe"
+        pids = {}
+        for name, port in (("prefect", pport), ("mlflow", mport)):
+            pid = int((state / f"{name}.pid").read_text())
+            info = json.loads((state / f"{name}.json").read_text())
+            assert info["pid"] == pid and info["port"] == port and pid_alive(pid)
+            pids[name] = pid
+        # the health endpoints answer; MLflow serves the project's default store
+        assert _get(f"http://127.0.0.1:{pport}/api/health").strip() == "true"
+        assert _get(f"http://127.0.0.1:{mport}/health").strip() == "OK"
+        assert (wd / "mlruns" / "mlflow.db").is_file()
+        assert (state / "prefect" / "prefect.db").is_file()  # the server's own PREFECT_HOME
+
+        r = llmpipe("server", "status", "--json", "--workdir", str(wd))
+        assert r.returncode == 0, r.stderr
+        rows = {row["name"]: row for row in json.loads(r.stdout)}
+        assert rows["prefect"]["state"] == "running" and rows["prefect"]["url"] == f"http://127.0.0.1:{pport}"
+        assert rows["prefect"]["api_url"] == f"http://127.0.0.1:{pport}/api"
+        assert rows["mlflow"]["state"] == "running" and rows["mlflow"]["url"] == f"http://127.0.0.1:{mport}"
+        r = llmpipe("server", "status", "--workdir", str(wd))
+        assert r.stdout.splitlines() == [f"prefect  running   http://127.0.0.1:{pport}  pid {pids['prefect']}",
+                                         f"mlflow   running   http://127.0.0.1:{mport}  pid {pids['mlflow']}"]
+
+        t0 = time.perf_counter()
+        url = prefect_api_url(wd)
+        elapsed = time.perf_counter() - t0
+        assert url == f"http://127.0.0.1:{pport}/api"
+        assert elapsed < 0.3, elapsed
+
+        # starting twice is a no-op that says so (same processes, even with other ports asked for)
+        r = llmpipe("server", "start", "--prefect-port", str(pport + 1), "--mlflow-port", str(mport + 1),
+                    "--workdir", str(wd))
+        assert r.returncode == 0, r.stderr
+        assert f"prefect: already running (pid {pids['prefect']})" in r.stdout
+        assert f"mlflow: already running (pid {pids['mlflow']})" in r.stdout
+        assert int((state / "prefect.pid").read_text()) == pids["prefect"]
+
+        r = llmpipe("server", "stop", "--workdir", str(wd))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines() == [f"prefect: stopped (pid {pids['prefect']})",
+                                         f"mlflow: stopped (pid {pids['mlflow']})"]
+        for name in SERVICES:
+            assert not (state / f"{name}.pid").exists() and not (state / f"{name}.json").exists()
+            deadline = time.monotonic() + 10
+            while pid_alive(pids[name]) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not pid_alive(pids[name])
+        assert prefect_api_url(wd) is None
+        assert [r["state"] for r in status(wd)] == ["stopped", "stopped"]
+        r = llmpipe("server", "stop", "--workdir", str(wd))
+        assert r.stdout.splitlines() == ["prefect: not running", "mlflow: not running"]
+    finally:
+        for name in SERVICES:
+            stop_service(name, wd, echo=lambda s: None)
+
+
+def test_busy_port_is_a_clear_error(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = llmpipe("server", "start", "prefect", "--prefect-port", str(port), "--workdir", str(tmp_path))
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"llmpipe: error: prefect: port {port} on 127.0.0.1 is already in use; "
+                                f"free it or choose another with --prefect-port")
+    assert not (tmp_path / ".llmpipe" / "prefect.pid").exists()
+
+
+def test_stale_pid_file_is_reported_and_cleaned(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    state = tmp_path / ".llmpipe"
+    state.mkdir()
+    (state / "prefect.pid").write_text(f"{dead.pid}\n")
+    (state / "prefect.json").write_text(json.dumps({"pid": dead.pid, "port": 1, "url": "http://127.0.0.1:1",
+                                                    "api_url": "http://127.0.0.1:1/api",
+                                                    "health_url": "http://127.0.0.1:1/api/health"}))
+    assert read_state(tmp_path, "prefect")["stale"] is True
+    assert prefect_api_url(tmp_path) is None
+    r = llmpipe("server", "status", "--workdir", str(tmp_path))
+    assert r.returncode == 1
+    assert r.stdout.splitlines()[0].startswith(f"prefect  stale     http://127.0.0.1:1  pid {dead.pid}  (stale pid file")
+    assert r.stdout.splitlines()[1] == "mlflow   stopped"
+    r = llmpipe("server", "stop", "prefect", "--workdir", str(tmp_path))
+    assert r.returncode == 0 and r.stdout.strip() == "prefect: not running (removed stale pid file)"
+    assert not (state / "prefect.pid").exists() and not (state / "prefect.json").exists()
+
+
+def test_prefect_api_url_without_a_server_is_none_and_fast(tmp_path):
+    t0 = time.perf_counter()
+    assert prefect_api_url(tmp_path) is None
+    assert time.perf_counter() - t0 < 0.3
+
+
+def test_bad_port_and_service_names(tmp_path):
+    r = llmpipe("server", "start", "--prefect-port", "http", "--workdir", str(tmp_path))
+    assert r.returncode == 2 and "expected a port number 1-65535 (0: any free port), got 'http'" in r.stderr
+    r = llmpipe("server", "start", "redis", "--workdir", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.strip() == "llmpipe: error: service: unknown service 'redis'; expected one of prefect, mlflow"
