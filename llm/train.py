@@ -99,14 +99,14 @@ class Dist:
         return self.world > 1
 
 
-def init_distributed() -> Dist:
+def init_distributed(device: str = "auto") -> Dist:
     """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     import torch.distributed as dist
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
         torch.cuda.set_device(local)
@@ -127,8 +127,10 @@ def free_cores(nproc: int = 1) -> int:
     return max(1, (cores - int(load)) // max(1, nproc))
 
 
-def pick_device(d: Dist) -> torch.device:
-    if torch.cuda.is_available():
+def pick_device(d: Dist, want: str = "auto") -> torch.device:
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError("pretrain.device is 'cuda' but torch sees no CUDA GPU; use 'auto' or 'cpu'")
+    if want != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", d.local_rank)
     return torch.device("cpu")
 
@@ -505,7 +507,7 @@ def train_loop(cfg: PretrainConfig, shard_dir: Path, out_dir: Path, progress: bo
     events = events or Events(None, None)
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
-    device = pick_device(d)
+    device = pick_device(d, cfg.device)
     torch.set_num_threads(cfg.threads or free_cores(d.world if device.type == "cpu" else 1))
     if cfg.book_compat and d.active:
         raise ValueError("pretrain.book_compat replays the book's single-process loop; set pretrain.nproc: 1")
@@ -542,7 +544,7 @@ def train_loop(cfg: PretrainConfig, shard_dir: Path, out_dir: Path, progress: bo
     opt = make_optimizer(model, cfg, device)
     amp = autocast_dtype(cfg.dtype, device)
     compiled = use_compile(cfg.compile, device, total_steps * tokens_per_step)
-    if device.type == "cuda":
+    if device.type == "cuda" and cfg.dtype == "auto":  # TF32 matmuls; an explicit float32 stays exact fp32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     fwd: nn.Module = model
@@ -789,7 +791,7 @@ def _launch_ddp(cfg: PretrainConfig, shard_dir: Path, out_dir: Path, progress: b
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if not torch.cuda.is_available() and not cfg.threads:
+    if (cfg.device == "cpu" or not torch.cuda.is_available()) and not cfg.threads:
         env["OMP_NUM_THREADS"] = str(free_cores(cfg.nproc))
     proc = subprocess.Popen(cmd, env=env)
     offset = 0
@@ -843,7 +845,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"{path}: config file not found")
     raw = yaml.safe_load(path.read_text())
     cfg = PretrainConfig.model_validate(raw.get("pretrain", raw) if isinstance(raw, dict) else raw)
-    d = init_distributed()
+    d = init_distributed(cfg.device)
     if not d.active and cfg.nproc > 1 and not a.events:
         res = run_pretrain(cfg, Path(a.shards), Path(a.out), progress=not a.no_progress)
         print(json.dumps(res.metrics))

@@ -109,7 +109,7 @@ def test_trained_checkpoint_beats_uniform(shards, tmp_path):
     from llm.train import run_pretrain
     pcfg = PretrainConfig.model_validate(dict(
         model={"name": None, **CFG.to_dict()}, epochs=20, max_steps=40, batch_size=8, lr=5e-3, warmup_steps=0,
-        eval_every=40, checkpoint_every=100, compile="off", threads=1))
+        eval_every=40, checkpoint_every=100, compile="off", threads=1, device="cpu"))
     pre = run_pretrain(pcfg, shards, tmp_path / "pre", progress=False)
     res = run_evaluate(EvaluateConfig(max_new_tokens=3), shards, pre.outputs["checkpoint"], tmp_path / "ev",
                        progress=False)

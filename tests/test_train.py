@@ -61,7 +61,7 @@ TINY = dict(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers
 def tiny_cfg(**kw) -> PretrainConfig:
     base = dict(model={"name": None, **TINY}, epochs=2, batch_size=4, lr=2e-3, min_lr=1e-4, warmup_steps=3,
                 schedule="cosine", eval_every=5, eval_batches=4, checkpoint_every=4, keep_checkpoints=2,
-                compile="off", threads=1, seed=7)
+                compile="off", threads=1, seed=7, device="cpu")
     base.update(kw)
     return PretrainConfig.model_validate(base)
 
