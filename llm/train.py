@@ -26,7 +26,8 @@ The recipe, top to bottom (`train_loop`):
 
 Devices and speed: dtype "auto" is fp32 on CPU (bf16 is ~20x slower on a plain x86 CPU) and
 bf16 autocast on a CUDA GPU that supports it; compile "auto" compiles on CUDA, or on CPU for
-long runs; threads 0 uses the cores that are actually free (affinity minus load average).
+runs of at least 1e14 training FLOPs (~15 min); threads 0 uses the cores that are actually free
+(affinity minus load average).
 
 cfg.book_compat replays the book's loop exactly (PyTorch default init, decay on all parameters,
 DataLoader shuffles drawn from the global RNG, the book's eval schedule), see the `verdict` preset.
@@ -146,13 +147,16 @@ def autocast_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
     return None  # auto on CPU: fp32 (bf16 matmuls are ~20x slower on CPUs without AMX)
 
 
-def use_compile(mode: str, device: torch.device, total_tokens: int) -> bool:
+COMPILE_CPU_MIN_FLOPS = 1e14  # ~15 min of training at 100 GFLOP/s: worth a minute or two of compiling
+
+
+def use_compile(mode: str, device: torch.device, total_flops: float) -> bool:
     if mode == "on":
         return True
     if mode == "off":
         return False
-    # auto: always on CUDA; on CPU only when the run is long enough to repay ~1 min of compiling.
-    return device.type == "cuda" or total_tokens >= 2_000_000
+    # auto: always on CUDA; on CPU only when the run is long enough to repay the compile time.
+    return device.type == "cuda" or total_flops >= COMPILE_CPU_MIN_FLOPS
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,7 +547,7 @@ def train_loop(cfg: PretrainConfig, shard_dir: Path, out_dir: Path, progress: bo
     # 3. optimizer, precision, compilation, DDP
     opt = make_optimizer(model, cfg, device)
     amp = autocast_dtype(cfg.dtype, device)
-    compiled = use_compile(cfg.compile, device, total_steps * tokens_per_step)
+    compiled = use_compile(cfg.compile, device, total_steps * tokens_per_step * model.flops_per_token())
     if device.type == "cuda" and cfg.dtype == "auto":  # TF32 matmuls; an explicit float32 stays exact fp32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
