@@ -3,7 +3,7 @@
     llmpipe server start                                   # a Prefect server for this project
     llmpipe serve --preset tiny --mirror ../shared/data \\
         [--schedules schedules.yaml] [--cron pretrain="0 3 * * *" ...] [--timezone Europe/Berlin] \\
-        [--no-triggers] [--limit 1] [--register-only] [--pool llmpipe]
+        [--no-triggers] [--limit 1] [--register-only | --pool llmpipe]
 
 Deployments (flow "llmpipe" = flows.pipeline.pipeline):
   llmpipe/pipeline         the whole chain (stages=["all"])
@@ -41,9 +41,10 @@ How runs execute:
   share artifact folders, so one at a time also makes an evaluate run triggered during
   pretraining wait for pretraining to finish and then reuse its checkpoint). Ctrl-C stops
   serving and pauses the schedules; the next `llmpipe serve` resumes them.
-- `llmpipe serve --pool llmpipe --register-only`: the deployments go to a process work pool and
-  any number of workers run them: `prefect work-pool create llmpipe --type process`,
-  `prefect work-pool set-concurrency-limit llmpipe 1`, `prefect worker start --pool llmpipe`.
+- `llmpipe serve --pool llmpipe`: the deployments go to a process work pool (created if missing)
+  and this command exits; workers run them: `prefect worker start --pool llmpipe` on any machine
+  with llmpipe installed and the same PREFECT_API_URL (and MLFLOW_TRACKING_URI). Limit the pool
+  to one run at a time: `prefect work-pool set-concurrency-limit llmpipe 1`.
   `prefect deploy --all` with the repository's prefect.yaml registers the same deployments.
 
 Needs a Prefect server: the one `llmpipe server start` runs for --workdir, or PREFECT_API_URL.
@@ -271,8 +272,26 @@ def sync_schedules(deployments: list) -> None:
                 client.delete_deployment_schedule(current.id, s.id)
 
 
+def ensure_work_pool(name: str) -> bool:
+    """Create the process work pool `name` unless it exists; True if it was created."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return False
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            return True
+
+
 def register_deployments(deployments: list) -> dict[str, str]:
     """Create or update the deployments (and their trigger automations) on the server: {name: id}."""
+    for pool in sorted({d.work_pool_name for d in deployments if d.work_pool_name}):
+        if ensure_work_pool(pool):
+            print(f"created process work pool {pool!r}", flush=True)
     ids = {d.name: str(d.apply()) for d in deployments}
     sync_schedules(deployments)
     return ids
@@ -281,18 +300,15 @@ def register_deployments(deployments: list) -> dict[str, str]:
 _KEEP: list = []
 
 
-def use_server(workdir: str | Path) -> str:
-    """PREFECT_API_URL, or this workdir's `llmpipe server` (exported for this process); else an error."""
+def use_server(workdir: str | Path) -> Optional[str]:
+    """PREFECT_API_URL, or this workdir's `llmpipe server` (then exported for this process), or None."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
     from flows.server import prefect_api_url
 
     url = prefect_api_url(workdir)
     if url is None:
-        from flows.cli import UsageError
-
-        raise UsageError(f"serve needs a running Prefect server: run `llmpipe server start --workdir {workdir}` "
-                         "or set PREFECT_API_URL")
+        return None
     os.environ["PREFECT_API_URL"] = url  # read when prefect is first imported
     if "prefect" in sys.modules:  # already imported (in-process callers): switch its settings too, for good
         from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -304,11 +320,22 @@ def use_server(workdir: str | Path) -> str:
 
 def cmd_serve(args) -> int:
     url = use_server(args.workdir)  # before anything imports prefect
+    if args.limit < 1:
+        raise ValueError(f"--limit: expected a positive number of concurrent flow runs, got {args.limit}")
     spec = load_schedule_file(args.schedules) if args.schedules else ServeSpec()
     if args.timezone:
         check_cron("0 0 * * *", "--timezone", args.timezone)
         spec.timezone = args.timezone
     spec.schedules.update(parse_cron_flags(args.cron, spec.timezone))
+    if url is None:
+        from flows.cli import UsageError
+
+        raise UsageError(f"serve needs a running Prefect server: run `llmpipe server start --workdir {args.workdir}` "
+                         "or set PREFECT_API_URL")
+    from flows.server import healthy
+
+    if not healthy(f"{url.rstrip('/')}/health", timeout=10.0):
+        raise RuntimeError(f"PREFECT_API_URL={url}: no Prefect server answers GET {url.rstrip('/')}/health")
     register_only = args.register_only or bool(args.pool)  # a work pool's workers run them, not this process
     from flows.pipeline import resolve
 

@@ -332,11 +332,17 @@ def test_source_changed_event_runs_the_triggered_deployment(api, tmp_path):
 def test_prefect_yaml_deploy_and_worker_route(api, tmp_path):
     """`prefect deploy --all` (repository prefect.yaml) -> work pool deployments; a process worker runs one."""
     from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
 
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name="llmpipe", type="process"), overwrite=True)
     env = _env(api)
+    # `llmpipe serve --pool` creates the process work pool when missing and registers into it
+    r = subprocess.run([*CLI, "serve", "--pool", "llmpipe", "--workdir", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "created process work pool 'llmpipe'" in r.stdout
+    assert "registered 9 deployments at " in r.stdout and "start a worker: prefect worker start --pool llmpipe" in r.stdout
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool("llmpipe").type == "process"
+        assert {d.work_pool_name for d in _deployments(client).values()} == {"llmpipe"}
     r = subprocess.run(["prefect", "--no-prompt", "deploy", "--all"], cwd=REPO, capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -364,3 +370,25 @@ def test_prefect_yaml_deploy_and_worker_route(api, tmp_path):
     assert final.state.is_completed(), f"{final.state}\n{r.stdout[-3000:]}"
     for name, (f, kind, text) in FIXTURE_FILES.items():
         assert (wd / "data" / "raw" / f).read_text() == text
+
+
+# --- CLI errors (no server) ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, env_url, rc, message", [
+    ([], None, 2, "llmpipe: error: serve needs a running Prefect server: run `llmpipe server start --workdir {wd}` "
+                  "or set PREFECT_API_URL"),
+    (["--cron", "pretrain=0 3 * *"], None, 1, "llmpipe: error: --cron 'pretrain=0 3 * *': Invalid cron string: "
+                                              "\"0 3 * *\""),
+    (["--limit", "0"], None, 1, "llmpipe: error: --limit: expected a positive number of concurrent flow runs, got 0"),
+    (["--register-only"], "http://127.0.0.1:9/api", 1,
+     "llmpipe: error: PREFECT_API_URL=http://127.0.0.1:9/api: no Prefect server answers GET "
+     "http://127.0.0.1:9/api/health"),
+])
+def test_serve_cli_errors(tmp_path, args, env_url, rc, message):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    if env_url:
+        env["PREFECT_API_URL"] = env_url
+    r = subprocess.run([*CLI, "serve", "--workdir", str(tmp_path), *args], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == rc
+    assert r.stderr.strip().splitlines()[-1] == message.format(wd=tmp_path)
