@@ -531,6 +531,11 @@ def train_loop(cfg: PretrainConfig, shard_dir: Path, out_dir: Path, progress: bo
         n = len(getattr(train_ds, "tokens", []))
         raise ValueError(f"{shard_dir}: the train split has {n} tokens, shorter than context_length+1 = {ctx + 1}; "
                          "use more text or a smaller pretrain.model.context_length")
+    for split, ds in (("train", train_ds), ("val", val_ds)):
+        top = int(ds.tokens.max()) if len(getattr(ds, "tokens", [])) else -1
+        if top >= mcfg.vocab_size:
+            raise ValueError(f"{shard_dir}: {split} token id {top} is outside the model's vocabulary "
+                             f"(pretrain.model.vocab_size = {mcfg.vocab_size})")
     val_note = None
     if len(val_ds) == 0:
         n = len(getattr(val_ds, "tokens", []))
@@ -768,11 +773,15 @@ def run_pretrain(cfg: PretrainConfig, shard_dir: Path, out_dir: Path, progress: 
     `stop_after` (tests) raises TrainingInterrupted after that optimizer step, as a kill would."""
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.nproc <= 1:
+    if cfg.nproc > 1:
+        _check_data(cfg, shard_dir)
+        return _launch_ddp(cfg, shard_dir, out_dir, progress, Events(log, on_checkpoint), stop_after)
+    threads = torch.get_num_threads()
+    try:
         return _summary_to_result(train_loop(cfg, shard_dir, out_dir, progress, Events(log, on_checkpoint),
                                              stop_after=stop_after))
-    _check_data(cfg, shard_dir)
-    return _launch_ddp(cfg, shard_dir, out_dir, progress, Events(log, on_checkpoint), stop_after)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, not ours, once the stage is done
 
 
 def _launch_ddp(cfg: PretrainConfig, shard_dir: Path, out_dir: Path, progress: bool, events: Events,

@@ -311,3 +311,9 @@ def test_ddp_two_processes_equal_gradient_accumulation(shards, tmp_path):
     assert h2["val_loss"] == pytest.approx(h1["val_loss"], abs=1e-5)
     a, b = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_token_ids_outside_the_vocabulary_are_a_clear_error(shards, tmp_path):
+    small = tiny_cfg(model={"name": None, **TINY, "vocab_size": 1000})
+    with pytest.raises(ValueError, match=r"train token id \d+ is outside the model's vocabulary .*vocab_size = 1000"):
+        run_pretrain(small, shards, tmp_path, progress=False)
