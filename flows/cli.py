@@ -143,6 +143,11 @@ def _validate_stages(stages: list[str], field: str = "STAGE") -> None:
 def cmd_run(args) -> int:
     _validate_stages(args.stages)
     _validate_stages(args.force, "--force")
+    if not os.environ.get("PREFECT_API_URL"):  # use `llmpipe server start`'s server when it runs
+        from flows.server import prefect_api_url
+
+        if url := prefect_api_url(args.workdir):
+            os.environ["PREFECT_API_URL"] = url
     from flows.pipeline import resolve
 
     cfg = resolve(args.preset, args.config_file, args.overrides, args.mirror, args.corpus)  # fail fast on bad config
@@ -152,6 +157,9 @@ def cmd_run(args) -> int:
         resolve_corpus(cfg.clean.corpus)  # a path that matches nothing is an error before anything runs
     if not args.debug:
         _quiet_prefect_errors()
+    from flows.tracking import warm_up
+
+    warm_up(Path(args.workdir))  # MLflow connects while Prefect starts
     from flows.pipeline import pipeline
 
     summary = pipeline(stages=args.stages, preset=args.preset, config_file=args.config_file,
@@ -296,4 +304,6 @@ def _one_line(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flows import cli  # the installed module, so its exception classes are the ones raised
+
+    sys.exit(cli.main())

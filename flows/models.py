@@ -49,9 +49,9 @@ def resolve_model_dir(run_id: Optional[str], checkpoint: Optional[str], workdir:
         return p
     if not run_id:
         return newest(workdir, stage)
-    from flows.tracking import Tracker
+    from flows.tracking import get_tracker
 
-    tr = Tracker(workdir)
+    tr = get_tracker(workdir)
     try:
         run = tr.client.get_run(run_id)
     except Exception:

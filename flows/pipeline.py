@@ -20,6 +20,7 @@ How a stage runs (see flows/stages.py for the stages themselves):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from prefect.cache_policies import CachePolicy
 
 from flows.cache import hash_path, stage_key
 from flows.stages import STAGE_DEFS, extra_input_hashes, needed_sources, plan, source_entries_hash, sources_file
-from flows.tracking import Tracker, git_commit
+from flows.tracking import get_tracker, git_commit
 from llm.config import STAGES, PipelineConfig, load_config
 
 MARKER = ".llmpipe-stage.json"
@@ -125,25 +126,61 @@ def _relocate(paths: dict[str, Any], src: Path, dst: Path) -> dict[str, str]:
 
 # --- the task ------------------------------------------------------------------------------------------
 
-def _emit(event: str, resource_id: str, payload: dict) -> None:
+def _emit(event: str, resource_id: str, payload: dict, workdir: Optional[Path] = None) -> None:
     try:
         from prefect.events import emit_event
 
-        emit_event(event=event, resource={"prefect.resource.id": resource_id}, payload=payload)
+        resource = {"prefect.resource.id": resource_id}
+        if workdir is not None:  # lets a trigger match one project when several share a server
+            resource["llmpipe.workdir"] = str(workdir)
+        emit_event(event=event, resource=resource, payload=payload)
     except Exception as e:  # events are best-effort: a missing server must not fail training
         log.debug("could not emit %s: %s", event, e)
 
 
+@contextlib.contextmanager
+def _stage_lock(path: Path):
+    """An exclusive lock (flock) so two processes never build the same stage folder at once."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _record_info(workdir: Path, stage: str, key: str, nonce: str) -> dict:
+    rec = json.loads(marker_path(workdir, stage, key).read_text())
+    base = artifact_dir(workdir, stage, key)
+    return {"stage": stage, "key": key, "artifact_dir": str(base),
+            "outputs": {k: str(base / v) for k, v in rec["outputs"].items()}, "output_hashes": rec["output_hashes"],
+            "metrics": rec["metrics"], "run_id": rec["run_id"], "nonce": nonce, "flow_run_id": ""}
+
+
 def _run_stage_body(stage: str, section: dict, input_hashes: dict, run: dict) -> dict:
-    """The body of every stage task: MLflow child run around the stage's llm/ call."""
+    """The body of every stage task: under the stage folder's lock, reuse what another process
+    finished meanwhile (unless forced), else run the stage."""
+    workdir = Path(run["workdir"])
+    key = stage_key(stage, section, input_hashes)
+    root = workdir / STAGE_DEFS[stage].out_root
+    with _stage_lock(root / f".{stage}-{key[:16]}.lock"):
+        if not run.get("forced") and is_complete(workdir, stage, key):
+            return _record_info(workdir, stage, key, nonce="completed-by-another-run")
+        return _execute_stage(stage, section, input_hashes, run, key)
+
+
+def _execute_stage(stage: str, section: dict, input_hashes: dict, run: dict, key: str) -> dict:
+    """MLflow child run around the stage's llm/ call; the folder appears only when complete."""
     from prefect.runtime import flow_run
 
     cfg = PipelineConfig.model_validate(run["config"])
     workdir = Path(run["workdir"])
-    key = stage_key(stage, section, input_hashes)
     final = artifact_dir(workdir, stage, key)
     work = final if stage == "download" else final.with_name(final.name + ".partial")
-    tracker = Tracker(workdir)
+    tracker = get_tracker(workdir)
     flow_run_id = str(flow_run.id or "")
     run_id = tracker.start_run(stage, {
         "stage": stage, "cache_key": key, "cached": "false", "prefect.flow_run_id": flow_run_id,
@@ -161,7 +198,7 @@ def _run_stage_body(stage: str, section: dict, input_hashes: dict, run: dict) ->
         def on_checkpoint(path: Path, step: int) -> None:
             metric_log.flush()
             _emit("llmpipe.checkpoint.saved", f"llmpipe.stage.{stage}",
-                  {"path": str(path), "step": step, "cache_key": key, "run_id": run_id})
+                  {"path": str(path), "step": step, "cache_key": key, "run_id": run_id}, workdir)
 
         ctx = StageContext(workdir=workdir, progress=run["progress"], log=metric_log, on_checkpoint=on_checkpoint,
                            sources=run["sources"])
@@ -202,9 +239,9 @@ def _run_stage_body(stage: str, section: dict, input_hashes: dict, run: dict) ->
                 if name in outputs:
                     tracker.log_artifacts(run_id, [Path(outputs[name])], artifact_path="checkpoint")
         if stage == "download" and metrics.get("sources_changed", 0) > 0:
-            _emit("llmpipe.source.changed", "llmpipe.stage.download", {"cache_key": key})
-        _emit(f"llmpipe.stage.completed", f"llmpipe.stage.{stage}",
-              {"cache_key": key, "artifact_dir": str(final), "run_id": run_id, "outputs": outputs})
+            _emit("llmpipe.source.changed", "llmpipe.stage.download", {"cache_key": key}, workdir)
+        _emit("llmpipe.stage.completed", f"llmpipe.stage.{stage}",
+              {"cache_key": key, "artifact_dir": str(final), "run_id": run_id, "outputs": outputs}, workdir)
         tracker.end_run(run_id)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
@@ -264,7 +301,7 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
     forced = set(force or [])
     if "all" in forced:
         forced = set(order)
-    tracker = Tracker(wd)
+    tracker = get_tracker(wd)
     commit = git_commit(Path(__file__).resolve().parent.parent)
     parent = tracker.start_run(f"pipeline-{cfg.preset}", {
         "stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or ""), "git_commit": commit,
@@ -284,7 +321,8 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
             refresh = stage in forced or not is_complete(wd, stage, key)
             run = {"config": cfg.model_dump(mode="json"), "workdir": str(wd), "parent_run_id": parent,
                    "nonce": nonce, "progress": progress, "git_commit": commit, "sources": sources,
-                   "upstream": {s: upstream[s] for s in STAGE_DEFS[stage].deps(cfg)}, "log_models": True}
+                   "upstream": {s: upstream[s] for s in STAGE_DEFS[stage].deps(cfg)}, "log_models": True,
+                   "forced": stage in forced}
             t = STAGE_TASKS[stage].with_options(result_storage=storage, refresh_cache=refresh)
             info = t(stage=stage, section=section, input_hashes=hashes, run=run)
             cached = info["nonce"] != nonce

@@ -60,6 +60,34 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_TRACKERS: dict[tuple[str, str, str], "Tracker"] = {}
+_TRACKERS_LOCK = threading.Lock()
+
+
+def get_tracker(workdir: Path, experiment: str = EXPERIMENT) -> "Tracker":
+    """A Tracker per (workdir, tracking URI, experiment) in this process: connecting to the store
+    and checking its schema costs seconds, so every stage of a run shares one."""
+    key = (str(Path(workdir).resolve()), tracking_uri(Path(workdir)), experiment)
+    with _TRACKERS_LOCK:
+        if key not in _TRACKERS:
+            _TRACKERS[key] = Tracker(Path(workdir), experiment)
+        return _TRACKERS[key]
+
+
+def warm_up(workdir: Path) -> threading.Thread:
+    """Connect to the MLflow store in a background thread (overlaps with Prefect's start-up)."""
+
+    def work() -> None:
+        try:
+            get_tracker(workdir)
+        except Exception:  # the real call reports the error
+            pass
+
+    t = threading.Thread(target=work, name="mlflow-warm-up", daemon=True)
+    t.start()
+    return t
+
+
 class Tracker:
     """One MLflow client for a pipeline invocation."""
 
