@@ -154,7 +154,7 @@ def test_book_init_matches_the_books_gptmodel():
 
 # ------------------------------------------------------------------------------------- the loop
 
-def test_book_compat_replays_the_books_training_loop(shards, tmp_path):
+def test_book_compat_replays_the_books_training_loop(tmp_path):
     """llms_from_scratch's own train_model_simple (chapter 5) and run_pretrain(book_compat) give the same
     losses on the same windows, dropout 0.1 included: same init, shuffles, dropout masks, eval schedule."""
     ch04 = pytest.importorskip("llms_from_scratch.ch04")
@@ -164,6 +164,7 @@ def test_book_compat_replays_the_books_training_loop(shards, tmp_path):
     cfg = tiny_cfg(book_compat=True, epochs=2, batch_size=2, lr=4e-4, weight_decay=0.1, schedule="constant",
                    warmup_steps=0, grad_clip=None, betas=(0.9, 0.999), eval_every=5, eval_batches=5,
                    checkpoint_every=1000, seed=123, dtype="float32")
+    shards = write_shards(tmp_path / "corpus", {"s": 600}, seed=3)  # ~40 windows: 2 epochs of ~20 steps
     ctx = TINY["context_length"]
     train = TokenWindows(read_tokens(shards, "train"), ctx, ctx)
     val = TokenWindows(read_tokens(shards, "val"), ctx, ctx)
