@@ -680,6 +680,9 @@ def train_loop(cfg: PretrainConfig, shard_dir: Path, out_dir: Path, progress: bo
         t_seg += dt
         tok_seg += tokens_per_step
         bar.update(1)
+        if progress and d.main and (device.type == "cpu" or step % 10 == 0):  # .item() syncs a GPU: not every step
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_seg / t_seg:,.0f}",
+                            refresh=False)
 
         is_eval = ((step - 1) % cfg.eval_every == 0) if cfg.book_compat else (step % cfg.eval_every == 0 or step == total_steps)
         if is_eval:
@@ -698,8 +701,9 @@ def train_loop(cfg: PretrainConfig, shard_dir: Path, out_dir: Path, progress: bo
                 metrics["val_loss"] = va
             if d.main:
                 events.log({k: v for k, v in metrics.items() if v is not None}, step)
-                bar.set_postfix(loss=f"{tr:.3f}" if tr is not None else "-", val=f"{va:.3f}" if va is not None else "-",
-                                lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                if progress:
+                    bar.write(f"step {step}/{total_steps}: train loss {tr if tr is None else round(tr, 3)}, "
+                              f"val loss {va if va is None else round(va, 3)}, lr {lr:.2e}, {tps:,.0f} tokens/s")
             t_seg, tok_seg = 0.0, 0
         if epoch_step >= order.steps_per_epoch and d.main:  # the book prints a sample after each epoch
             samples.append(f"epoch {epoch + 1} (step {step}): " + sample_text(model, cfg.sample_prompt).replace("\n", " "))
