@@ -24,6 +24,7 @@ Run `python -m llm.weights FOLDER_OR_NAME "prompt"` to load weights and print a 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -232,16 +233,13 @@ def load_pretrained(spec: str, drop_rate: float = 0.0, context_length: Optional[
             from llm.checkpoint import load_model
 
             model = load_model(path)
-            if drop_rate:
-                for m in model.modules():
-                    if isinstance(m, torch.nn.Dropout):
-                        m.p = drop_rate
-                for blk in model.trf_blocks:
-                    blk.att.dropout = drop_rate
-                model.cfg.drop_rate = drop_rate
             if context_length is not None and context_length != model.cfg.context_length:
                 raise ValueError(f"{cfg_path}: checkpoint context_length is {model.cfg.context_length}, "
                                  f"{context_length} was requested")
+            if drop_rate != model.cfg.drop_rate:  # same weights, the dropout asked for (finetuning)
+                rebuilt = GPT(dataclasses.replace(model.cfg, drop_rate=drop_rate))
+                rebuilt.load_state_dict(model.state_dict())
+                model = rebuilt.eval()
             return model
         if "model_type" in raw or "n_embd" in raw:
             return load_hf_gpt2(path, drop_rate=drop_rate, context_length=context_length)

@@ -84,6 +84,9 @@ def test_llmpipe_checkpoint_folder_is_detected(tmp_path):
     assert loaded.cfg == m.cfg
     for (ka, va), (kb, vb) in zip(m.state_dict().items(), loaded.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+    dropped = load_pretrained(str(tmp_path / "ckpt"), drop_rate=0.2)  # e.g. for finetuning
+    assert dropped.cfg.drop_rate == 0.2 and dropped.trf_blocks[0].att.dropout == 0.2
+    assert torch.equal(dropped.tok_emb.weight, m.tok_emb.weight) and dropped.out_head.weight is dropped.tok_emb.weight
 
 
 def test_clear_errors(hf_folder, tmp_path):
