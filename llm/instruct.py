@@ -333,7 +333,7 @@ def free_cores() -> int:
 # --------------------------------------------------------------------------------------------
 
 def _save_checkpoint(ckpt_root: Path, step: int, model: GPT, opt: torch.optim.Optimizer, state: dict,
-                     keep: int = 2) -> Path:
+                     keep: int = 2, device: torch.device = torch.device("cpu")) -> Path:
     from safetensors.torch import save_file
 
     from llm.train import _fsync_tree, _rng_tensors, list_checkpoints, optimizer_to_flat
@@ -344,7 +344,7 @@ def _save_checkpoint(ckpt_root: Path, step: int, model: GPT, opt: torch.optim.Op
     try:
         folder = save_model(model, tmp_root / name, extra={"tokenizer": "gpt2", "stage": "instruct", "step": step})
         tensors, groups = optimizer_to_flat(opt)
-        save_file({**tensors, **_rng_tensors(torch.device("cpu"))}, str(folder / "optimizer.safetensors"))
+        save_file({**tensors, **_rng_tensors(device)}, str(folder / "optimizer.safetensors"))
         (folder / "state.json").write_text(json.dumps({**state, "optimizer_param_groups": groups}))
         _fsync_tree(folder)
         final = ckpt_root / name
@@ -523,7 +523,7 @@ def _run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_chec
         state = {"identity": identity, "step": step_now, "epoch": epoch, "epoch_step": epoch_step,
                  "tokens_seen": tokens_seen, "train_time": train_time, "history": history,
                  "run_loss_sum": run_sum, "run_loss_count": run_n, "rng": _rng_json()}
-        _save_checkpoint(ckpt_root, step_now, model, opt, state, cfg.keep_checkpoints)
+        _save_checkpoint(ckpt_root, step_now, model, opt, state, cfg.keep_checkpoints, device)
 
     # 4. training
     bar = tqdm(total=total_steps, initial=step, desc="instruct finetune", unit="step", disable=not progress,

@@ -553,6 +553,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                               "gguf": str(gguf_path()), "gguf_present": gguf_path().is_file(),
                               "hf_dir": str(hf_dir()), "hf_present": (hf_dir() / "config.json").is_file(),
                               "llama_server": str(llama_server_binary() or "")}, indent=2))
+            if not ok:
+                sys.exit(1)
     except (JudgeNotInstalled, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
