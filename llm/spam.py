@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from llm.checkpoint import atomic_write_bytes, load_model, read_config, save_mod
 from llm.config import SpamConfig
 from llm.model import EOT_ID, GPT, GPTConfig
 from llm.result import MetricLogger, StageResult, log_or_null
+from llm.train import free_cores
 
 LABELS = ("ham", "spam")
 PAD_ID = EOT_ID
@@ -477,19 +477,6 @@ def load_backbone(cfg: SpamConfig, base_checkpoint: Optional[Path]) -> GPT:
     return load_pretrained(cfg.init)
 
 
-def free_cores() -> int:
-    """CPU cores this process may use: allowed cores minus the load other processes put on them."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, cores - int(load))
-
-
 def run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: Optional[Path] = None,
              progress: bool = True, log: Optional[MetricLogger] = None) -> StageResult:
     """Finetune a GPT backbone as a ham/spam classifier; write splits, plots, predictions, classifier.
@@ -501,7 +488,7 @@ def run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: O
     cores slow small-matrix training by an order of magnitude), restored afterwards.
     """
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or free_cores())
+    torch.set_num_threads(cfg.threads or free_cores())  # llm.train.free_cores: affinity minus load
     try:
         return _run_spam(cfg, data_file, out_dir, base_checkpoint, progress, log)
     finally:
