@@ -26,8 +26,9 @@ sample at temperature 1). Prompts (cfg.prompt):
   book   -- the book's, verbatim: "Given the input `{format_input(entry)}` and correct output
             `{output}`, score the model response `{response}` on a scale from 0 to 100, where 100 is
             the best score. Respond with the integer number only."
-  rubric -- the default: instruction, reference answer and candidate answer in labelled sections,
-            with a rubric (wrong/irrelevant/empty = 0-20, partly correct = 21-79, correct = 80-100).
+  rubric -- the default: task, reference answer (labelled correct) and the candidate answer in
+            triple quotes, with a rubric (wrong / off-topic / empty = 0-20, partly right = 21-79,
+            right = 80-100, "an answer about something else is wrong, however well written").
 The answer is forced to an integer where the server allows it (cfg.constrain): "grammar" sends
 llama.cpp's GBNF ``root ::= "100" | [1-9]? [0-9]`` (llama-server, the embedded judge);
 "json_schema" sends ``response_format`` with a {"score": integer 0..100} schema (Ollama, vLLM,
@@ -114,17 +115,19 @@ def book_prompt(entry: dict, response: str) -> str:
 
 
 def rubric_prompt(entry: dict, response: str) -> str:
+    """The default prompt: labelled task / reference / candidate and a score rubric. Chosen among five
+    wordings by how Qwen2.5-Coder-1.5B scored 8 records of the book's test set given their reference,
+    the gpt2-medium response, another record's reference (wrong) and an empty answer: 85 / 70 / 42.5 / 0
+    (the first rubric wording tried gave 100 / 75 / 60 / 42.5, the book's prompt is in the README)."""
     task = entry["instruction"] + (f"\n\nInput:\n{entry['input']}" if entry["input"] else "")
-    return ("You are grading a candidate answer to a task by comparing it with a reference answer "
-            "that is known to be correct.\n\n"
-            f"### Task\n{task}\n\n"
-            f"### Reference answer (correct)\n{entry['output']}\n\n"
-            f"### Candidate answer\n{response if response.strip() else '(empty)'}\n\n"
-            "Score the candidate answer from 0 to 100:\n"
-            "- 0 to 20: wrong, irrelevant, nonsensical, empty, or it only repeats the task;\n"
-            "- 21 to 79: partly correct or incomplete;\n"
-            "- 80 to 100: correct and complete; it need not use the same words as the reference.\n"
-            "Respond with the integer number only.")
+    return ("Compare a candidate answer with a reference answer to the same task.\n\n"
+            f"Task:\n{task}\n\n"
+            f"Reference answer (correct):\n{entry['output']}\n\n"
+            f'Candidate answer:\n"""{response}"""\n\n'
+            "Does the candidate answer complete the task as well as the reference answer? "
+            "An answer about something else is wrong, however well written. "
+            "Score it from 0 to 100: 0-20 if it is wrong, off-topic, empty or missing; 21-79 if it is partly right; "
+            "80-100 if it is right (wording may differ). Respond with the integer number only.")
 
 
 PROMPTS: dict[str, Callable[[dict, str], str]] = {"book": book_prompt, "rubric": rubric_prompt}

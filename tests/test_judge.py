@@ -56,10 +56,16 @@ def test_book_prompt_exact():
 
 
 def test_rubric_prompt_labels_reference_and_candidate():
-    p = rubric_prompt(RECORDS[0], "")
-    assert "### Reference answer (correct)\nThe car is as fast as lightning.\n\n" in p
-    assert "### Candidate answer\n(empty)\n\n" in p
-    assert "Input:\nThe car is very fast." in p and p.endswith("Respond with the integer number only.")
+    assert rubric_prompt(RECORDS[0], "") == (
+        "Compare a candidate answer with a reference answer to the same task.\n\n"
+        "Task:\nRewrite the sentence using a simile.\n\nInput:\nThe car is very fast.\n\n"
+        "Reference answer (correct):\nThe car is as fast as lightning.\n\n"
+        'Candidate answer:\n""""""\n\n'
+        "Does the candidate answer complete the task as well as the reference answer? "
+        "An answer about something else is wrong, however well written. "
+        "Score it from 0 to 100: 0-20 if it is wrong, off-topic, empty or missing; 21-79 if it is partly right; "
+        "80-100 if it is right (wording may differ). Respond with the integer number only.")
+    assert "Input:" not in rubric_prompt(RECORDS[1], "Berlin.")
 
 
 def test_integer_constraint_accepts_exactly_0_to_100():
