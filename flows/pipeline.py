@@ -218,7 +218,7 @@ def _execute_stage(stage: str, section: dict, input_hashes: dict, run: dict, key
         record = {"stage": stage, "key": key, "run_id": run_id, "outputs": {k: str(Path(v).relative_to(work))
                   for k, v in outputs.items()}, "output_hashes": output_hashes, "output_sizes": sizes,
                   "metrics": metrics, "input_hashes": input_hashes}
-        from llm.checkpoint import atomic_write_text
+        from llm.fsutil import atomic_write_text
 
         if stage == "download":
             atomic_write_text(marker_path(workdir, stage, key), json.dumps(record, indent=2))

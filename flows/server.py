@@ -206,7 +206,7 @@ def start_service(name: str, workdir: str | Path, port: int, timeout: float = 18
         log.flush()
         proc = subprocess.Popen(spec.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=str(Path(workdir).resolve()), start_new_session=True)
-    from llm.checkpoint import atomic_write_text
+    from llm.fsutil import atomic_write_text
 
     info = {"name": name, "pid": proc.pid, "pgid": proc.pid, "port": port, "url": spec.url,
             "api_url": spec.api_url, "health_url": spec.health_url, "log": str(log_file), "cmd": spec.cmd,

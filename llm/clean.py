@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from llm.checkpoint import atomic_write_text
+from llm.fsutil import atomic_write_text
 from llm.config import CleanConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from llm.checkpoint import atomic_write_text
+from llm.fsutil import atomic_write_text
 from llm.config import EvaluateConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 

@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llm import tokenizer as tok
-from llm.checkpoint import atomic_write_text
+from llm.fsutil import atomic_write_text
 from llm.config import ShardConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 

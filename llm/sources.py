@@ -48,7 +48,7 @@ from typing import Optional
 import yaml
 from tqdm.auto import tqdm
 
-from llm.checkpoint import atomic_write_text
+from llm.fsutil import atomic_write_text
 from llm.config import DownloadConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 
