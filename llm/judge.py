@@ -52,10 +52,12 @@ persists across runs, e.g. data/judge_cache.sqlite) keyed by sha256 of (judge mo
 messages, parameters), so a re-run asks the server nothing it has answered before. Each entry is
 committed in its own transaction (WAL journal): a killed run leaves a valid cache.
 
-Calibration (every run): for the first cfg.calibration_sample records the reference output itself
-and an empty answer are scored too. A useful judge gives the references a high score and the empty
-answers a low one; `judge_reference_score` and `judge_empty_score` are reported beside
-`judge_mean_score` so a run shows whether its judge can tell them apart.
+Calibration (every run): for the first cfg.calibration_sample records the reference output itself,
+an empty answer and a fluent but wrong answer (the next calibration record's reference) are scored
+too. A useful judge gives the references a high score and the other two a low one;
+`judge_reference_score`, `judge_empty_score` and `judge_wrong_score` are reported beside
+`judge_mean_score` so a run shows how far its judge can be trusted: a high wrong score means the
+judge rewards well-formed answers to a different question, and judge_mean_score is inflated.
 """
 from __future__ import annotations
 
@@ -433,7 +435,8 @@ def plot_histogram(df: pd.DataFrame, path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = list(range(0, 101, 10))
     bins[-1] = 100.001
-    for kind, color in (("model", "tab:blue"), ("reference", "tab:green"), ("empty", "tab:red")):
+    for kind, color in (("model", "tab:blue"), ("reference", "tab:green"), ("wrong", "tab:orange"),
+                        ("empty", "tab:red")):
         s = df.loc[(df["kind"] == kind) & df["score"].notna(), "score"].astype(float)
         if len(s):
             ax.hist(s, bins=bins, alpha=0.55, color=color, label=f"{kind} (n={len(s)}, mean {s.mean():.1f})",
@@ -467,7 +470,7 @@ def run_judge(cfg: JudgeConfig, responses: Path, out_dir: Path, cache_path: Opti
     """Score every response (cfg.limit first ones) plus the calibration items; see the module docstring.
 
     Metrics: judge_mean_score (0-100, over scored model responses), judge_scored, judge_unscored,
-    judge_reference_score, judge_empty_score, judge_calibration_gap (reference - empty),
+    judge_reference_score, judge_empty_score, judge_wrong_score, judge_calibration_gap (reference - empty),
     judge_requests (HTTP requests made: 0 on a fully cached re-run), judge_cache_hits, judge_seconds.
     Artifacts: scores.parquet, scores.csv (one row per judged item), scores_hist.png."""
     from tqdm import tqdm
@@ -484,6 +487,9 @@ def run_judge(cfg: JudgeConfig, responses: Path, out_dir: Path, cache_path: Opti
     n_cal = min(cfg.calibration_sample, len(records))
     items += [("reference", i, records[i], records[i]["output"]) for i in range(n_cal)]
     items += [("empty", i, records[i], "") for i in range(n_cal)]
+    # a fluent but wrong answer: the next calibration record's reference (needs two different outputs)
+    wrong = [(i, records[(i + 1) % n_cal]["output"]) for i in range(n_cal) if n_cal > 1]
+    items += [("wrong", i, records[i], out) for i, out in wrong if out.strip() != records[i]["output"].strip()]
     api_key = _api_key(cfg)
     model, constrain = judge_identity(cfg)
     client = JudgeClient(cfg.url or "", model, api_key=api_key, temperature=cfg.temperature, seed=cfg.seed,
@@ -535,11 +541,12 @@ def run_judge(cfg: JudgeConfig, responses: Path, out_dir: Path, cache_path: Opti
     mean = _mean(model_scores)
     ref = _mean([r["score"] for r in rows if r["kind"] == "reference"])
     empty = _mean([r["score"] for r in rows if r["kind"] == "empty"])
+    wrong_s = _mean([r["score"] for r in rows if r["kind"] == "wrong"])
     title = f"{model} ({cfg.prompt} prompt)"
     hist = plot_histogram(df, out_dir / "scores_hist.png", title)
     metrics = {"judge_mean_score": mean, "judge_scored": sum(s is not None for s in model_scores),
                "judge_unscored": sum(s is None for s in model_scores), "judge_reference_score": ref,
-               "judge_empty_score": empty,
+               "judge_empty_score": empty, "judge_wrong_score": wrong_s,
                "judge_calibration_gap": (ref - empty) if ref is not None and empty is not None else None,
                "judge_requests": requests, "judge_cache_hits": sum(r["cached"] for r in rows),
                "judge_items": len(rows), "judge_seconds": time.monotonic() - t0,

@@ -16,7 +16,8 @@ Two backends serve the same HTTP API (``POST /v1/chat/completions``, ``GET /heal
 ``GET /v1/models``):
 
 - ``transformers`` (the default): this module's own server (``python -m llm.judge_server serve``),
-  plain PyTorch on CPU, greedy decoding at temperature 0. Integer-constrained decoding is done
+  plain PyTorch on CPU (bfloat16 where the CPU has bf16 instructions, else float32: ~6 GB of RAM),
+  greedy decoding at temperature 0. Integer-constrained decoding is done
   token by token: when a request carries a ``grammar`` (llama.cpp GBNF) or a ``response_format``
   of type ``json_schema``, only answers the integer grammar ``root ::= "100" | [1-9]? [0-9]``
   allows can be produced (as a bare integer, or ``{"score": N}`` for an object schema).
@@ -224,8 +225,26 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
+def cpu_dtype() -> str:
+    """bfloat16 where the CPU has bf16 instructions (avx512_bf16 / AMX), else float32 (bf16 matmuls
+    without them are many times slower); LLMPIPE_JUDGE_DTYPE=bfloat16|float32 overrides."""
+    env = os.environ.get("LLMPIPE_JUDGE_DTYPE")
+    if env:
+        if env not in ("bfloat16", "float32"):
+            raise ValueError(f"LLMPIPE_JUDGE_DTYPE={env!r}: expected bfloat16 or float32")
+        return env
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
 def model_name(backend: str) -> str:
-    return f"{JUDGE_NAME}@{'llama.cpp' if backend == 'llama-server' else 'transformers-bf16'}"
+    """The judge's name in requests and in the cache key (different arithmetic gives different scores)."""
+    if backend == "llama-server":
+        return f"{JUDGE_NAME}@llama.cpp"
+    return f"{JUDGE_NAME}@transformers-{'bf16' if cpu_dtype() == 'bfloat16' else 'fp32'}"
 
 
 # --------------------------------------------------------------------------- transformers backend
@@ -265,7 +284,7 @@ class TransformersJudge:
         torch.set_num_threads(max(1, threads))
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(str(folder))
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, cpu_dtype()))
         self.model.eval()
         # transformers 5 renamed past_key_values to cache (in forward and in its outputs)
         self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"

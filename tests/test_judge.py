@@ -192,17 +192,20 @@ def test_scores_calibration_and_request_body(tmp_path, responses):
     finally:
         srv.close()
     m = res.metrics
-    # model: 85, 10, unscored ("eighty", then "eighty" again); reference: 95, 100; empty: 0, 0
+    # model: 85, 10, unscored ("eighty", then "eighty" again); reference: 95, 100; empty: 0, 0;
+    # wrong (the other calibration record's reference): "Paris." for record 0 -> 100, "The car is ..." -> 95
     assert m["judge_mean_score"] == 47.5 and m["judge_scored"] == 2 and m["judge_unscored"] == 1
     assert m["judge_reference_score"] == 97.5 and m["judge_empty_score"] == 0 and m["judge_calibration_gap"] == 97.5
-    assert m["judge_requests"] == 8 == len(srv.bodies)  # 7 items + one retry
+    assert m["judge_wrong_score"] == 97.5
+    assert m["judge_requests"] == 10 == len(srv.bodies)  # 9 items + one retry
     first = srv.bodies[0]
     assert first["model"] == "table" and first["temperature"] == 0.0 and first["seed"] == 123
     assert first["grammar"] == INTEGER_GRAMMAR and "response_format" not in first
     retry = [b for b in srv.bodies if len(b["messages"]) == 3]
     assert len(retry) == 1 and retry[0]["messages"][1] == {"role": "assistant", "content": "eighty"}
     df = pd.read_parquet(tmp_path / "out" / "scores.parquet")
-    assert df["kind"].tolist() == ["model"] * 3 + ["reference"] * 2 + ["empty"] * 2
+    assert df["kind"].tolist() == ["model"] * 3 + ["reference"] * 2 + ["empty"] * 2 + ["wrong"] * 2
+    assert df["response"].tolist()[-2:] == ["Paris.", "The car is as fast as lightning."]
     assert df["score"].tolist()[:2] == [85, 10] and pd.isna(df["score"][2])
     assert json.loads(df["answer"][2]) == ["eighty", "eighty"]
     assert (tmp_path / "out" / "scores.csv").is_file() and (tmp_path / "out" / "scores_hist.png").is_file()
@@ -295,8 +298,8 @@ def test_cache_second_run_makes_no_requests(tmp_path, responses):
         first = run_judge(_cfg(srv.url), responses, tmp_path / "one", cache_path=cache, progress=False)
         n = len(srv.bodies)
         second = run_judge(_cfg(srv.url), responses, tmp_path / "two", cache_path=cache, progress=False)
-        assert len(srv.bodies) == n == 8
-        assert second.metrics["judge_requests"] == 0 and second.metrics["judge_cache_hits"] == 7
+        assert len(srv.bodies) == n == 10
+        assert second.metrics["judge_requests"] == 0 and second.metrics["judge_cache_hits"] == 9
         assert {k: v for k, v in first.metrics.items() if "seconds" not in k and k not in ("judge_requests", "judge_cache_hits")} == \
                {k: v for k, v in second.metrics.items() if "seconds" not in k and k not in ("judge_requests", "judge_cache_hits")}
         # another prompt (or model, or parameter) is another cache key
@@ -338,6 +341,7 @@ def test_embedded_judge_discriminates(tmp_path):
     print("embedded judge:", res.params["judge_model"], {k: round(v, 2) for k, v in m.items()})
     assert m["judge_scored"] == 2 and m["judge_unscored"] == 0
     assert m["judge_reference_score"] >= m["judge_empty_score"] + 40
+    assert "judge_wrong_score" in m
     log = (tmp_path / "out" / "judge_server.log").read_text()
     port = re.search(r"127\.0\.0\.1:(\d+)", log)
     if port:  # stopped: nothing listens on its port any more
