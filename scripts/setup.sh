@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 "$PY" -m pip install --disable-pip-version-check -q "${LLMPIPE_TORCH:-torch==2.13.0}"
 "$PY" -m pip install --disable-pip-version-check -q -e ".[dev]"
+# The book's reference code, for the parity test and benchmarks/train_speed.py; --no-deps
+# because its declared requirements include tensorflow, which nothing here uses.
+"$PY" -m pip install --disable-pip-version-check -q --no-deps "llms_from_scratch==1.0.19"
 if [ -z "${LLMPIPE_SKIP_JUDGE:-}" ] && [ -f scripts/install_judge.sh ]; then
   bash scripts/install_judge.sh
 fi
