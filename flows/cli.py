@@ -209,6 +209,9 @@ def cmd_generate(args) -> int:
 
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens: expected a non-negative integer, got {args.max_new_tokens}")
+    from llm.train import free_cores
+
+    torch.set_num_threads(free_cores())  # oversubscribed cores slow single-token steps many times over
     if args.init:
         from llm.weights import load_pretrained
 
