@@ -430,6 +430,18 @@ def serve(port: int, threads: int = 1, host: str = "127.0.0.1") -> None:
 
 # --------------------------------------------------------------------------- process management
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): get SIGTERM when the process that started the judge dies,
+    so a killed run (kill, timeout, OOM) never leaves a judge server behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -489,7 +501,8 @@ class EmbeddedJudge:
         else:
             out = subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         try:
             deadline = time.monotonic() + self.startup_timeout
             while True:
