@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import llm
+from llm.fsutil import sha256_file  # noqa: F401  (used here and by flows.stages)
 
 # Which llm/ modules each stage runs: editing one invalidates exactly the stages that use it.
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
@@ -36,15 +37,6 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
 CODE_SALT = "llmpipe-cache-v1"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def hash_path(path: str | Path) -> str:

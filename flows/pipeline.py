@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prefect import flow, task
-from prefect.cache_policies import CachePolicy
 
 from flows.cache import hash_path, stage_key
 from flows.stages import STAGE_DEFS, extra_input_hashes, needed_sources, plan, source_entries_hash, sources_file

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from llm.fsutil import atomic_write_text
+from llm.fsutil import atomic_write_text, save_figure
 from llm.config import EvaluateConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -87,11 +86,7 @@ def _plot(per_source: dict[str, float], overall: float, path: Path) -> Path:
     ax.legend(loc="lower right")
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def run_evaluate(cfg: EvaluateConfig, shard_dir: Path, checkpoint_dir: Path, out_dir: Path, progress: bool = True,

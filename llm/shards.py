@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llm import tokenizer as tok
-from llm.fsutil import atomic_write_text
+from llm.fsutil import atomic_write_text, sha256_file
 from llm.config import ShardConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -57,12 +57,7 @@ ROW_GROUP_BYTES = 16 << 20  # token payload per Parquet row group inside a shard
 MB = 1_000_000
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
 class _SplitWriter:

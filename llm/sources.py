@@ -26,7 +26,6 @@ raw_dir/download_manifest.json (name, url actually used, sha256, size). Run
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -41,14 +40,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
 import yaml
 from tqdm.auto import tqdm
 
-from llm.fsutil import atomic_write_text
+from llm.fsutil import atomic_write_text, sha256_file
 from llm.config import DownloadConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -171,12 +170,6 @@ def load_sources(path: str | Path | None = None) -> dict[str, Source]:
 
 # ------------------------------------------------------------------------------------ fetching
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_url(s: str) -> bool:

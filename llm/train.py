@@ -67,6 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from llm.fsutil import save_figure
 from llm.checkpoint import atomic_write_text, save_model, state_dict_for_save
 from llm.config import PretrainConfig
 from llm.model import GPT, GPTConfig
@@ -455,11 +456,7 @@ def plot_losses(history: dict, steps_per_epoch: int, path: Path) -> Path:
     ax2.set_xlabel("Tokens seen")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def sample_text(model: GPT, prompt: str, max_new_tokens: int = 50) -> str:
