@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 STAGES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "judge")

@@ -49,7 +49,6 @@ What happens, top to bottom (`run_instruct`):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -67,9 +66,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.checkpoint import atomic_write_bytes, atomic_write_text, load_model, read_config, save_model, \
-    state_dict_for_save
+from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
 from llm.config import InstructConfig
+from llm.fsutil import save_figure
 from llm.model import EOT_ID, GPT
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -418,11 +417,7 @@ def plot_losses(history: dict, path: Path) -> Path:
     ax.set_title("Instruction finetuning")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

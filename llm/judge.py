@@ -82,6 +82,7 @@ from typing import Callable, Iterator, Optional
 import pandas as pd
 
 from llm.config import JudgeConfig
+from llm.fsutil import save_figure
 from llm.result import MetricLogger, StageResult, log_or_null
 
 INTEGER_GRAMMAR = 'root ::= "100" | [1-9]? [0-9]'
@@ -447,11 +448,7 @@ def plot_histogram(df: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def _write_table(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:

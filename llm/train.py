@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from llm.fsutil import save_figure
-from llm.checkpoint import atomic_write_text, save_model, state_dict_for_save
+from llm.checkpoint import atomic_write_text, save_model
 from llm.config import PretrainConfig
 from llm.model import GPT, GPTConfig
 from llm.result import MetricLogger, StageResult, log_or_null
