@@ -55,7 +55,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -315,48 +314,6 @@ def _data_digest(train: Sequence[dict]) -> str:
     return hashlib.sha256(json.dumps(list(train), sort_keys=True).encode()).hexdigest()
 
 
-def free_cores() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, cores - int(load))
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints (llm.train's layout: model.safetensors + config.json + optimizer.safetensors + state.json)
-# --------------------------------------------------------------------------------------------
-
-def _save_checkpoint(ckpt_root: Path, step: int, model: GPT, opt: torch.optim.Optimizer, state: dict,
-                     keep: int = 2, device: torch.device = torch.device("cpu")) -> Path:
-    from safetensors.torch import save_file
-
-    from llm.train import _fsync_tree, _rng_tensors, list_checkpoints, optimizer_to_flat
-
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
-    try:
-        folder = save_model(model, tmp_root / name, extra={"tokenizer": "gpt2", "stage": "instruct", "step": step})
-        tensors, groups = optimizer_to_flat(opt)
-        save_file({**tensors, **_rng_tensors(device)}, str(folder / "optimizer.safetensors"))
-        (folder / "state.json").write_text(json.dumps({**state, "optimizer_param_groups": groups}))
-        _fsync_tree(folder)
-        final = ckpt_root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(folder, final)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-    for old in list_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 class TrainingInterrupted(RuntimeError):
     """Raised by the `stop_after` test hook, as if the run had been killed after that step."""
 
@@ -432,6 +389,8 @@ def run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_check
     Returns metrics (final train/val/test loss, split sizes, steps, timings), artifacts (split
     parquets, loss.png, responses.parquet/json) and outputs {"model", "responses"}.
     `stop_after` (tests) raises TrainingInterrupted after that optimizer step, as a kill would."""
+    from llm.train import free_cores
+
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or free_cores())
     try:
@@ -445,7 +404,7 @@ def _run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_chec
     from tqdm import tqdm
 
     from llm.tokenizer import get_encoding
-    from llm.train import _restore_rng, _rng_json, list_checkpoints, optimizer_from_flat
+    from llm.train import _restore_rng, _rng_json, _rng_tensors, list_checkpoints, optimizer_from_flat, save_checkpoint
 
     log = log_or_null(log)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -518,7 +477,8 @@ def _run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_chec
         state = {"identity": identity, "step": step_now, "epoch": epoch, "epoch_step": epoch_step,
                  "tokens_seen": tokens_seen, "train_time": train_time, "history": history,
                  "run_loss_sum": run_sum, "run_loss_count": run_n, "rng": _rng_json()}
-        _save_checkpoint(ckpt_root, step_now, model, opt, state, cfg.keep_checkpoints, device)
+        save_checkpoint(ckpt_root, step_now, model, opt, state, _rng_tensors(device), cfg.keep_checkpoints,
+                        stage="instruct")
 
     # 4. training
     bar = tqdm(total=total_steps, initial=step, desc="instruct finetune", unit="step", disable=not progress,

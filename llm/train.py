@@ -371,13 +371,14 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: GPT, opt: torch.optim.Optimizer, state: dict,
-                    extra_tensors: dict[str, torch.Tensor], keep: int) -> Path:
-    """Write checkpoints/step-XXXXXX atomically (hidden temp folder, then rename); keep the newest `keep`."""
+                    extra_tensors: dict[str, torch.Tensor], keep: int, stage: str = "pretrain") -> Path:
+    """Write checkpoints/step-XXXXXX atomically (hidden temp folder, then rename); keep the newest `keep`.
+    Also used by the instruct stage (stage="instruct")."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
     try:
-        folder = save_model(model, tmp_root / name, extra={"tokenizer": "gpt2", "stage": "pretrain", "step": step})
+        folder = save_model(model, tmp_root / name, extra={"tokenizer": "gpt2", "stage": stage, "step": step})
         tensors, groups = optimizer_to_flat(opt)
         save_file({**tensors, **extra_tensors}, str(folder / "optimizer.safetensors"))
         (folder / "state.json").write_text(json.dumps({**state, "optimizer_param_groups": groups}))
