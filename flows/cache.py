@@ -18,7 +18,7 @@ import os
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import llm
 from llm.fsutil import sha256_file  # noqa: F401  (used here and by flows.stages)
@@ -78,10 +78,6 @@ def stage_key(stage: str, section: dict, input_hashes: dict[str, str]) -> str:
     """The cache key of one stage from its config section and the content hashes of what it reads."""
     payload = {"stage": stage, "config": section, "inputs": input_hashes, "code": code_version(stage)}
     return hashlib.sha256(stable_json(payload).encode()).hexdigest()
-
-
-def combine(hashes: Iterable[str]) -> str:
-    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
 
 
 if __name__ == "__main__":
