@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="re-run these stages even if cached")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--task-runner", choices=("threads", "dask"),
+                   help="where clean and shard do their parallel work: threads here (default) or a Dask "
+                   "cluster (prefect-dask); the artifacts are identical (= --set orchestration.task_runner=...)")
+    p.add_argument("--dask-address", metavar="ADDR",
+                   help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (implies --task-runner "
+                   "dask; default: a local cluster of worker processes for the run)")
 
     p = sub.add_parser("stages", help="show each stage's cache key, state and artifact folder")
     p.add_argument("stages", nargs="*", default=["all"], metavar="STAGE")
@@ -143,6 +149,12 @@ def _validate_stages(stages: list[str], field: str = "STAGE") -> None:
 def cmd_run(args) -> int:
     _validate_stages(args.stages)
     _validate_stages(args.force, "--force")
+    if args.dask_address and args.task_runner == "threads":
+        raise UsageError("--dask-address: needs --task-runner dask (or leave --task-runner out)")
+    if args.task_runner or args.dask_address:
+        args.overrides = [*args.overrides, f"orchestration.task_runner={args.task_runner or 'dask'}"]
+    if args.dask_address:
+        args.overrides = [*args.overrides, f"orchestration.dask_address={json.dumps(args.dask_address)}"]
     if not os.environ.get("PREFECT_API_URL"):  # use `llmpipe server start`'s server when it runs
         from flows.server import prefect_api_url
 

@@ -33,12 +33,14 @@ from typing import Any, Callable, Optional
 
 from prefect import flow, task
 
+from flows import scaleout
 from flows.cache import hash_path, stage_key
 from flows.stages import STAGE_DEFS, extra_input_hashes, needed_sources, plan, source_entries_hash, sources_file
 from flows.tracking import get_tracker, git_commit
 from llm.config import STAGES, PipelineConfig, load_config
 
 MARKER = ".llmpipe-stage.json"
+DATA_STAGES = ("clean", "shard")  # the stages orchestration.task_runner applies to
 HEADLINE = {
     "pretrain": {"train_loss": "pretrain_train_loss", "val_loss": "pretrain_val_loss",
                  "tokens_per_sec": "pretrain_tokens_per_sec"},
@@ -59,6 +61,7 @@ class StageContext:
     log: Optional[Callable[[dict, int], None]] = None
     on_checkpoint: Optional[Callable[[Path, int], None]] = None
     sources: list[str] = field(default_factory=list)
+    data_runner: Optional[Any] = None  # flows.scaleout.DataRunner: where clean/shard run parallel work
 
 
 # --- keys, folders, completeness -------------------------------------------------------------------
@@ -78,6 +81,8 @@ def section_for_key(stage: str, cfg: PipelineConfig, sources: list[str]) -> dict
         section = {"sources": sources, "accept_changed": section["accept_changed"]}  # + pinned entries (inputs)
     if stage == "pretrain":
         section.pop("threads", None)  # how many threads run it does not change the result
+    if stage == "shard":
+        section.pop("workers", None)  # nor how many tokenize it (byte-identical shards)
     return section
 
 
@@ -181,10 +186,12 @@ def _execute_stage(stage: str, section: dict, input_hashes: dict, run: dict, key
     work = final if stage == "download" else final.with_name(final.name + ".partial")
     tracker = get_tracker(workdir)
     flow_run_id = str(flow_run.id or "")
-    run_id = tracker.start_run(stage, {
-        "stage": stage, "cache_key": key, "cached": "false", "prefect.flow_run_id": flow_run_id,
-        "git_commit": run["git_commit"], "artifact_dir": str(final), "pipeline_run_id": run["parent_run_id"],
-    }, parent_run_id=run["parent_run_id"])
+    tags = {"stage": stage, "cache_key": key, "cached": "false", "prefect.flow_run_id": flow_run_id,
+            "git_commit": run["git_commit"], "artifact_dir": str(final), "pipeline_run_id": run["parent_run_id"]}
+    if stage in DATA_STAGES:
+        tags["task_runner"] = cfg.orchestration.task_runner
+    run_id = tracker.start_run(stage, tags, parent_run_id=run["parent_run_id"])
+    data_runner, own_runner = scaleout.lookup(run["nonce"], cfg.orchestration)
     try:
         tracker.log_params(run_id, section)
         tracker.log_text(run_id, json.dumps({"stage": stage, "config": section, "inputs": input_hashes}, indent=2),
@@ -200,7 +207,7 @@ def _execute_stage(stage: str, section: dict, input_hashes: dict, run: dict, key
                   {"path": str(path), "step": step, "cache_key": key, "run_id": run_id}, workdir)
 
         ctx = StageContext(workdir=workdir, progress=run["progress"], log=metric_log, on_checkpoint=on_checkpoint,
-                           sources=run["sources"])
+                           sources=run["sources"], data_runner=data_runner)
         t0 = time.time()
         result = STAGE_DEFS[stage].body(cfg, run["upstream"], work, ctx)
         metric_log.flush()
@@ -245,6 +252,9 @@ def _execute_stage(stage: str, section: dict, input_hashes: dict, run: dict, key
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
+    finally:
+        if own_runner:
+            data_runner.close()
     return {"stage": stage, "key": key, "artifact_dir": str(final), "outputs": outputs,
             "output_hashes": output_hashes, "metrics": metrics, "run_id": run_id, "nonce": run["nonce"],
             "flow_run_id": flow_run_id}
@@ -306,12 +316,15 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
         "stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or ""), "git_commit": commit,
         "preset": cfg.preset, "stages": ",".join(order)})
     tracker.log_params(parent, {"preset": cfg.preset, "config_hash": cfg.config_hash(), "git_commit": commit,
-                                "stages": ",".join(order), "requested": ",".join(requested)})
+                                "stages": ",".join(order), "requested": ",".join(requested),
+                                "task_runner": cfg.orchestration.task_runner})
     tracker.log_text(parent, json.dumps(cfg.model_dump(mode="json"), indent=2), "resolved_config.json")
     nonce = uuid.uuid4().hex
     storage = wd / "data" / "cache" / "prefect"
     upstream: dict[str, dict] = {}
     summary: dict[str, dict] = {}
+    data_runner = scaleout.DataRunner(cfg.orchestration)
+    scaleout.register(nonce, data_runner)
     try:
         for stage in order:
             section = section_for_key(stage, cfg, sources)
@@ -347,4 +360,7 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
     except BaseException:
         tracker.end_run(parent, "FAILED")
         raise
+    finally:
+        scaleout.unregister(nonce)
+        data_runner.close()
     return {"pipeline_run_id": parent, "stages": summary}

@@ -87,13 +87,19 @@ def _clean(cfg, up, out, ctx):
 
     files = up.get("download", {}).get("outputs", {})
     inputs = {name: Path(files[name]) for name in cfg.clean.sources}
-    return run_clean(cfg.clean, inputs, out, progress=ctx.progress, log=ctx.log)
+    executor, slots = ctx.data_runner.executor() if ctx.data_runner else (None, 0)
+    return run_clean(cfg.clean, inputs, out, progress=ctx.progress, log=ctx.log, executor=executor,
+                     executor_slots=slots)
 
 
 def _shard(cfg, up, out, ctx):
     from llm.shards import run_shard
+    from llm.tokenizer import EncoderPool
 
-    return run_shard(cfg.shard, Path(up["clean"]["outputs"]["documents"]), out, progress=ctx.progress, log=ctx.log)
+    executor, slots = ctx.data_runner.executor() if ctx.data_runner else (None, 0)
+    pool = EncoderPool(slots, executor=executor) if executor is not None else None
+    return run_shard(cfg.shard, Path(up["clean"]["outputs"]["documents"]), out, progress=ctx.progress, log=ctx.log,
+                     pool=pool)
 
 
 def _pretrain(cfg, up, out, ctx):

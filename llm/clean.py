@@ -38,6 +38,8 @@ import re
 import sys
 import tempfile
 import unicodedata
+from collections import deque
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -265,6 +267,14 @@ def drop_duplicates(counter: DropCounter) -> Step:
 
 def build_steps(cfg: CleanConfig, counter: DropCounter) -> list[Step]:
     """The configured step chain, in order."""
+    steps = document_steps(cfg, counter)
+    if cfg.dedup:
+        steps.append(drop_duplicates(counter))
+    return steps
+
+
+def document_steps(cfg: CleanConfig, counter: DropCounter) -> list[Step]:
+    """The steps that look at one document at a time (all but drop_duplicates), in order."""
     steps: list[Step] = [strip_bom, normalize_newlines]
     if cfg.normalize != "none":
         steps.append(normalize_unicode(cfg.normalize))
@@ -274,8 +284,6 @@ def build_steps(cfg: CleanConfig, counter: DropCounter) -> list[Step]:
         steps.append(collapse_blank_lines)
     steps.append(strip_whitespace)
     steps.append(drop_short(cfg.min_chars, counter))
-    if cfg.dedup:
-        steps.append(drop_duplicates(counter))
     return steps
 
 
@@ -304,12 +312,60 @@ def _unique_ids(records: Iterable[Record]) -> Iterator[Record]:
         yield r
 
 
+def clean_file(path: Path, source: str, cfg: CleanConfig) -> tuple[list[Record], DropCounter, int]:
+    """One input file through the per-document steps: (kept records, its drop counter, documents read).
+
+    What an executor runs per file (see run_clean); a module-level function so it pickles.
+    """
+    counter = DropCounter()
+    n_in = 0
+
+    def read() -> Iterator[Record]:
+        nonlocal n_in
+        for rec in iter_documents(path, source):
+            n_in += 1
+            yield rec
+
+    kept = list(apply_steps(read(), document_steps(cfg, counter)))
+    return kept, counter, n_in
+
+
+def _merge_counts(into: DropCounter, part: DropCounter) -> None:
+    for reason, n in part.dropped.items():
+        into.dropped[reason] = into.dropped.get(reason, 0) + n
+    for step, n in part.modified.items():
+        into.modified[step] = into.modified.get(step, 0) + n
+    for source, drops in part.dropped_by_source.items():
+        per = into.dropped_by_source.setdefault(source, {})
+        for reason, n in drops.items():
+            per[reason] = per.get(reason, 0) + n
+
+
+def _ordered_map(executor: Executor, fn: Callable, items: list, ahead: int) -> Iterator:
+    """executor.submit(fn, *item) for each item, at most `ahead` in flight, results in item order."""
+    pending: deque = deque()
+    it = iter(items)
+    for item in it:
+        pending.append(executor.submit(fn, *item))
+        if len(pending) >= ahead:
+            break
+    while pending:
+        yield pending.popleft().result()
+        for item in it:
+            pending.append(executor.submit(fn, *item))
+            break
+
+
 def run_clean(cfg: CleanConfig, inputs: dict[str, Path], out_dir: Path, progress: bool = True,
-              log: Optional[MetricLogger] = None) -> StageResult:
+              log: Optional[MetricLogger] = None, executor: Optional[Executor] = None,
+              executor_slots: int = 1) -> StageResult:
     """Clean cfg.sources (from `inputs`, keyed by source name) plus cfg.corpus files into documents.parquet.
 
-    If cfg.sources is empty every input is used. metrics: documents_in, documents_out, chars_out,
-    dropped_<reason>. outputs: {"documents": out_dir/documents.parquet}.
+    If cfg.sources is empty every input is used. executor: run the per-document steps of each file
+    on it (e.g. a Dask cluster's `client.get_executor()`), files in parallel (2 x executor_slots
+    files in flight); deduplication and writing stay here, in file order, so the output is
+    byte-identical to the default (everything streamed in this process). metrics: documents_in,
+    documents_out, chars_out, dropped_<reason>. outputs: {"documents": out_dir/documents.parquet}.
     """
     log = log_or_null(log)
     out_dir = Path(out_dir)
@@ -338,6 +394,25 @@ def run_clean(cfg: CleanConfig, inputs: dict[str, Path], out_dir: Path, progress
                 per_source[source]["documents_in"] += 1
                 yield rec
 
+    def cleaned() -> Iterator[Record]:
+        if executor is None:  # streamed: one document in memory at a time
+            yield from apply_steps(read_all(), build_steps(cfg, counter))
+            return
+        dedup = drop_duplicates(counter) if cfg.dedup else (lambda records: records)
+
+        def from_workers() -> Iterator[Record]:
+            jobs = [(path, source, cfg) for path, source in files]
+            for (path, source), (kept, part, n_in) in zip(files, _ordered_map(executor, clean_file, jobs,
+                                                                              ahead=2 * max(1, executor_slots))):
+                _merge_counts(counter, part)
+                stats["documents_in"] += n_in
+                if n_in:
+                    ps = per_source.setdefault(source, {"documents_in": 0, "documents_out": 0, "chars_out": 0})
+                    ps["documents_in"] += n_in
+                yield from kept
+
+        yield from dedup(from_workers())
+
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "documents.parquet"
     fd, tmp_name = tempfile.mkstemp(prefix=".documents.", suffix=".parquet.tmp", dir=out_dir)
@@ -357,7 +432,7 @@ def run_clean(cfg: CleanConfig, inputs: dict[str, Path], out_dir: Path, progress
                 buf_chars = 0
 
         with tqdm(desc="clean", unit="doc", disable=not progress) as bar:
-            for rec in _unique_ids(apply_steps(read_all(), build_steps(cfg, counter))):
+            for rec in _unique_ids(cleaned()):
                 buf["doc_id"].append(rec.doc_id)
                 buf["source"].append(rec.source)
                 buf["text"].append(rec.text)
@@ -383,7 +458,7 @@ def run_clean(cfg: CleanConfig, inputs: dict[str, Path], out_dir: Path, progress
             tmp.unlink()
 
     for source, drops in counter.dropped_by_source.items():
-        per_source.setdefault(source, {}).update({f"dropped_{k}": v for k, v in drops.items()})
+        per_source.setdefault(source, {}).update({f"dropped_{k}": v for k, v in sorted(drops.items())})
     report = out_dir / "clean_report.json"
     atomic_write_text(report, json.dumps({"totals": {**stats, **{f"dropped_{k}": v for k, v in counter.dropped.items()},
                                                       **counter.modified},

@@ -1,6 +1,8 @@
 """Typed, validated configuration for every llmpipe stage, and preset loading.
 
-A run's configuration is one `PipelineConfig`: a section per stage. It is built from a
+A run's configuration is one `PipelineConfig`: a section per stage, plus `orchestration` (how the
+flow runs them: task runner, Dask address, concurrent finetunes; never part of a cache key or of
+config_hash, since results do not depend on it). It is built from a
 preset YAML shipped in `llm/presets/` (``--preset NAME``), then an optional user YAML
 (``--config FILE``), then ``--set a.b=value`` overrides, in that order, and validated
 once. Unknown keys and wrong types are errors that name the field.
@@ -18,7 +20,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -201,6 +203,21 @@ class JudgeConfig(Section):
     max_tokens: int = Field(16, ge=1, description="answer length limit in tokens")
 
 
+class OrchestrationConfig(Section):
+    """How the flow runs its stages; never part of a stage's cache key (results do not depend on it)."""
+
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="where the data stages (clean, shard) run their parallel work: threads in "
+        "this process, or a Dask cluster (prefect-dask): files cleaned and tokenized in parallel, identical output")
+    dask_address: Optional[str] = Field(
+        None, description="scheduler address of an existing Dask cluster (tcp://host:8786); "
+        "none = a local cluster of worker processes for the run")
+    dask_workers: int = Field(0, ge=0, description="worker processes of the local Dask cluster (0 = every free core)")
+    concurrent_finetunes: Union[bool, Literal["auto"]] = Field(
+        "auto", description="run spam and instruct at the same time, each in its own process: true, false, or "
+        "auto (when each can have a GPU of its own, or at least 4 CPU cores)")
+
+
 class PipelineConfig(Section):
     preset: str = "custom"
     download: DownloadConfig = Field(default_factory=DownloadConfig)
@@ -211,6 +228,7 @@ class PipelineConfig(Section):
     spam: SpamConfig = Field(default_factory=SpamConfig)
     instruct: InstructConfig = Field(default_factory=InstructConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     def section(self, stage: str) -> Section:
         return getattr(self, stage)
@@ -221,7 +239,8 @@ class PipelineConfig(Section):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def config_hash(self) -> str:
-        data = self.model_dump(mode="json")
+        """sha256 of what decides the results: every section but orchestration."""
+        data = self.model_dump(mode="json", exclude={"orchestration"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

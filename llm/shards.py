@@ -28,6 +28,7 @@ Run `python -m llm.shards DOCUMENTS.parquet OUT_DIR` to shard by hand, or
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -134,9 +135,12 @@ def _in_val(doc_id: str, seed: int, val_fraction: float) -> bool:
 
 
 def run_shard(cfg: ShardConfig, documents: Path, out_dir: Path, progress: bool = True,
-              log: Optional[MetricLogger] = None) -> StageResult:
+              log: Optional[MetricLogger] = None, pool: Optional[tok.EncoderPool] = None) -> StageResult:
     """Tokenize documents.parquet into train/val shards in out_dir; see the module docstring.
 
+    pool: an EncoderPool to tokenize on instead of cfg.workers threads, e.g. one over a Dask
+    cluster (`EncoderPool(n, executor=client.get_executor())`); the caller closes it. The shards
+    are byte-identical whichever pool tokenizes them.
     metrics: train_tokens, val_tokens, train_docs, val_docs, shards. outputs: {"shards": out_dir}.
     """
     log = log_or_null(log)
@@ -172,11 +176,17 @@ def run_shard(cfg: ShardConfig, documents: Path, out_dir: Path, progress: bool =
             ps[f"{split}_docs"] += 1
             ps[f"{split}_tokens"] += len(ids_arr)
 
+    own_pool = pool is None
+    if pool is None:
+        pool = tok.EncoderPool(cfg.workers)
+    # enough characters per step to keep every worker busy (a cluster may have many)
+    sub_batch_chars = max(SUB_BATCH_CHARS, pool.workers * (tok.PIECE_CHARS // 2))
+
     def sub_batches(parts: list[tuple[str, str, str, str]]):
         start, chars = 0, 0
         for i, p in enumerate(parts):
             chars += len(p[3])
-            if chars >= SUB_BATCH_CHARS:
+            if chars >= sub_batch_chars:
                 yield parts[start:i + 1]
                 start, chars = i + 1, 0
         if start < len(parts):
@@ -184,8 +194,11 @@ def run_shard(cfg: ShardConfig, documents: Path, out_dir: Path, progress: bool =
 
     pending: Optional[Future] = None
     try:
-        with tok.EncoderPool(cfg.workers) as pool, ThreadPoolExecutor(1, thread_name_prefix="llmpipe-shard-writer") as wex, \
-                tqdm(total=n_docs, desc="shard", unit="doc", disable=not progress) as bar:
+        with contextlib.ExitStack() as stack:
+            if own_pool:
+                stack.enter_context(pool)
+            wex = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="llmpipe-shard-writer"))
+            bar = stack.enter_context(tqdm(total=n_docs, desc="shard", unit="doc", disable=not progress))
             seen = 0
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["doc_id", "source", "text"]):
                 ids = batch.column("doc_id").to_pylist()

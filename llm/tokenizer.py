@@ -234,10 +234,15 @@ class EncoderPool:
 
     workers: 0 = every free core, 1 = everything in this process, N = N workers.
     backend: "thread" (default; see the module docstring) or "process" (spawned processes).
+    executor: an Executor owned by the caller to run the work units on instead, e.g. a Dask
+    cluster's `distributed.Client(...).get_executor()`; `workers` is then how many units it runs
+    at once (it sizes the units). The pool never shuts a caller's executor down. The tokens are the
+    same whichever executor runs the units.
     Use as a context manager (or call close()) so the workers end.
     """
 
-    def __init__(self, workers: int = 0, piece_chars: int = PIECE_CHARS, backend: str = "thread"):
+    def __init__(self, workers: int = 0, piece_chars: int = PIECE_CHARS, backend: str = "thread",
+                 executor: Optional[Executor] = None):
         if workers < 0:
             raise ValueError(f"workers: expected >= 0 (0 = every free core), got {workers}")
         if backend not in BACKENDS:
@@ -245,9 +250,12 @@ class EncoderPool:
         self.workers = free_cores() if workers == 0 else workers
         self.piece_chars = piece_chars
         self.backend = backend
+        self._external = executor
         self._executor: Optional[Executor] = None
 
     def _pool(self) -> Executor:
+        if self._external is not None:
+            return self._external
         if self._executor is None:
             if self.backend == "thread":
                 self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="llmpipe-tokenize")
@@ -264,7 +272,7 @@ class EncoderPool:
         if self.workers > 1:
             unit = max(min(self.piece_chars, MIN_PIECE_CHARS), min(self.piece_chars, total // (4 * self.workers)))
         units, where = _plan(texts, max(1, unit))
-        if self.workers == 1 or len(units) <= 1:
+        if (self.workers == 1 and self._external is None) or len(units) <= 1:
             results = [_encode_pieces(u, allow_special) for u in units]
         else:
             get_encoding()  # build it once here rather than racing in several threads

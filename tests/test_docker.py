@@ -51,7 +51,9 @@ def _flag(cmd: list[str], name: str) -> str:
 
 def test_services_volumes_and_dependencies(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "prefect-server", "mlflow", "deploy", "worker"}
+    assert set(services) == {"postgres", "prefect-server", "mlflow", "deploy", "worker", "dask-scheduler",
+                             "dask-worker"}
+    assert [n for n, svc in services.items() if svc.get("profiles")] == ["dask-scheduler", "dask-worker"]
     declared = set(compose["volumes"])
     used = set()
     for name, svc in services.items():
@@ -130,10 +132,20 @@ def test_work_pool_and_deploy_step(compose):
     script = interpolate(deploy[2])
     assert f"prefect work-pool create {pool} --type process" in script
     serve_line = script[script.index("llmpipe serve"):]
+    dask = "tcp://dask-scheduler:8786"
     argv = shlex.split(serve_line.replace("${LLMPIPE_PRESET:-tiny}", "tiny")
-                       .replace("${LLMPIPE_MIRROR_DIR:+--mirror /mirror}", "--mirror /mirror"))[1:]
+                       .replace("${LLMPIPE_MIRROR_DIR:+--mirror /mirror}", "--mirror /mirror")
+                       .replace("${LLMPIPE_DASK_ADDRESS:+", "").replace("$LLMPIPE_DASK_ADDRESS}", dask))[1:]
     args = build_parser().parse_args(argv)
     assert (args.command, args.pool, args.workdir, args.preset, args.mirror) == ("serve", pool, "/work", "tiny", "/mirror")
+    assert args.overrides == ["orchestration.task_runner=dask", f"orchestration.dask_address={dask}"]
+    from flows.pipeline import resolve
+
+    assert resolve("tiny", None, args.overrides, None, []).orchestration.dask_address == dask
+    host, port = urlsplit(dask).hostname, urlsplit(dask).port
+    scheduler = _command(services["dask-scheduler"])
+    assert host == "dask-scheduler" and int(_flag(scheduler, "--port")) == port
+    assert _command(services["dask-worker"])[:3] == ["dask", "worker", dask]
     mounts = {interpolate(v).split(":")[1]: interpolate(v).split(":")[0] for v in services["deploy"]["volumes"]}
     spec = load_schedule_file(DOCKER / mounts[args.schedules])  # the default schedule file is valid
     assert spec.schedules == {}
@@ -167,3 +179,58 @@ def test_entrypoint_command_works_outside_docker():
     r = subprocess.run([exe, "presets"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "tiny" in r.stdout.split()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_dask_services_commands_run_outside_docker(compose, tmp_path):
+    """The compose file's scheduler and worker commands (host and port made local) form a cluster
+    that the data stages use through orchestration.dask_address."""
+    import time
+
+    from flows.scaleout import DataRunner
+    from llm.config import OrchestrationConfig, ShardConfig
+    from llm.shards import run_shard
+    from llm.tokenizer import EncoderPool
+
+    port = _free_port()
+    services = compose["services"]
+    sched = _command(services["dask-scheduler"])
+    sched[sched.index("--host") + 1], sched[sched.index("--port") + 1] = "127.0.0.1", str(port)
+    work = [a.replace("tcp://dask-scheduler:8786", f"tcp://127.0.0.1:{port}") for a in _command(services["dask-worker"])]
+    work[work.index("--nworkers") + 1] = "1"
+    procs = [subprocess.Popen(sched, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
+    try:
+        time.sleep(2)
+        procs.append(subprocess.Popen(work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        docs = tmp_path / "documents.parquet"
+        texts = [f"Line {i} of a small document.\n" * (50 + i) for i in range(6)]
+        pq.write_table(pa.table({"doc_id": [str(i) for i in range(6)], "source": ["s"] * 6, "text": texts}), docs)
+        with DataRunner(OrchestrationConfig(task_runner="dask", dask_address=f"tcp://127.0.0.1:{port}")) as runner:
+            deadline = time.time() + 60
+            executor, slots = runner.executor()
+            while runner._runner.client.nthreads() == {} and time.time() < deadline:  # the worker registers
+                time.sleep(0.5)
+            assert runner._runner.client.nthreads(), "the dask-worker command did not join the scheduler"
+            with EncoderPool(2, executor=executor) as pool:
+                run_shard(ShardConfig(), docs, tmp_path / "dask", progress=False, pool=pool)
+        run_shard(ShardConfig(), docs, tmp_path / "threads", progress=False)
+        for name in ("train-00000.parquet", "val-00000.parquet", "manifest.json"):
+            assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "threads" / name).read_bytes()
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
