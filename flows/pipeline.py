@@ -14,7 +14,10 @@ How a stage runs (see flows/stages.py for the stages themselves):
    task is called with `refresh_cache=True` and runs.
 3. A running stage writes into `<root>/<key>.partial/` and the folder is renamed to `<root>/<key>/`
    only when complete (resumable stages — pretrain, instruct — resume from a crashed .partial).
-4. Every stage of every invocation gets an MLflow child run under the invocation's parent run,
+4. spam and instruct, when both must run and orchestration.concurrent_finetunes allows it, are
+   submitted together, each running its llm/ call in a process of its own (flows/isolate.py);
+   clean and shard do their parallel work on orchestration.task_runner (flows/scaleout.py).
+5. Every stage of every invocation gets an MLflow child run under the invocation's parent run,
    tagged stage, cache_key, cached, prefect.flow_run_id, git_commit; a cached stage's child run
    carries `cached_from_run_id` and the producing run's metrics.
 """
@@ -27,15 +30,17 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from prefect import flow, task
 
 from flows import scaleout
 from flows.cache import hash_path, stage_key
-from flows.stages import STAGE_DEFS, extra_input_hashes, needed_sources, plan, source_entries_hash, sources_file
+from flows.isolate import finetune_shares
+from flows.stages import (STAGE_DEFS, StageContext, extra_input_hashes, needed_sources, plan, source_entries_hash,
+                          sources_file)
 from flows.tracking import get_tracker, git_commit
 from llm.config import STAGES, PipelineConfig, load_config
 
@@ -50,18 +55,6 @@ HEADLINE = {
               "judge_empty_score": "judge_empty_score", "judge_wrong_score": "judge_wrong_score"},
 }
 log = logging.getLogger("llmpipe")
-
-
-@dataclass
-class StageContext:
-    """What a stage body gets besides its config and upstream outputs."""
-
-    workdir: Path
-    progress: bool = True
-    log: Optional[Callable[[dict, int], None]] = None
-    on_checkpoint: Optional[Callable[[Path, int], None]] = None
-    sources: list[str] = field(default_factory=list)
-    data_runner: Optional[Any] = None  # flows.scaleout.DataRunner: where clean/shard run parallel work
 
 
 # --- keys, folders, completeness -------------------------------------------------------------------
@@ -190,6 +183,9 @@ def _execute_stage(stage: str, section: dict, input_hashes: dict, run: dict, key
             "git_commit": run["git_commit"], "artifact_dir": str(final), "pipeline_run_id": run["parent_run_id"]}
     if stage in DATA_STAGES:
         tags["task_runner"] = cfg.orchestration.task_runner
+    if run.get("share"):
+        tags["concurrent_with"] = run["concurrent_with"]
+        tags["process_share"] = ", ".join(f"{k}={v}" for k, v in run["share"].items() if v is not None)
     run_id = tracker.start_run(stage, tags, parent_run_id=run["parent_run_id"])
     data_runner, own_runner = scaleout.lookup(run["nonce"], cfg.orchestration)
     try:
@@ -209,7 +205,12 @@ def _execute_stage(stage: str, section: dict, input_hashes: dict, run: dict, key
         ctx = StageContext(workdir=workdir, progress=run["progress"], log=metric_log, on_checkpoint=on_checkpoint,
                            sources=run["sources"], data_runner=data_runner)
         t0 = time.time()
-        result = STAGE_DEFS[stage].body(cfg, run["upstream"], work, ctx)
+        if run.get("share"):  # running beside another stage: in a process of its own (flows/isolate.py)
+            from flows.isolate import Share, run_body
+
+            result = run_body(stage, cfg, run["upstream"], work, ctx, Share(**run["share"]))
+        else:
+            result = STAGE_DEFS[stage].body(cfg, run["upstream"], work, ctx)
         metric_log.flush()
         seconds = time.time() - t0
         outputs = {k: str(v) for k, v in result.outputs.items()}
@@ -325,37 +326,71 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
     summary: dict[str, dict] = {}
     data_runner = scaleout.DataRunner(cfg.orchestration)
     scaleout.register(nonce, data_runner)
+
+    def prepare(stage: str) -> dict:
+        section = section_for_key(stage, cfg, sources)
+        hashes = input_hashes(stage, cfg, upstream, sources, wd)
+        key = stage_key(stage, section, hashes)
+        refresh = stage in forced or not is_complete(wd, stage, key)
+        run = {"config": cfg.model_dump(mode="json"), "workdir": str(wd), "parent_run_id": parent,
+               "nonce": nonce, "progress": progress, "git_commit": commit, "sources": sources,
+               "upstream": {s: upstream[s] for s in STAGE_DEFS[stage].deps(cfg)}, "log_models": True,
+               "forced": stage in forced}
+        return {"stage": stage, "section": section, "hashes": hashes, "key": key, "refresh": refresh, "run": run,
+                "task": STAGE_TASKS[stage].with_options(result_storage=storage, refresh_cache=refresh)}
+
+    def finish(job: dict, info: dict) -> None:
+        """After a stage task returned: a child run for a cached stage, the summary, headline metrics."""
+        stage, key, section = job["stage"], job["key"], job["section"]
+        cached = info["nonce"] != nonce
+        if cached:
+            info = dict(info)
+            info["cached_from_run_id"] = info["run_id"]
+            info["run_id"] = tracker.start_run(stage, {
+                "stage": stage, "cache_key": key, "cached": "true", "cached_from_run_id": info["run_id"],
+                "prefect.flow_run_id": str(flow_run.id or ""), "git_commit": commit,
+                "artifact_dir": info["artifact_dir"], "pipeline_run_id": parent}, parent_run_id=parent)
+            tracker.log_params(info["run_id"], section)
+            tracker.log_metrics(info["run_id"], info["metrics"])
+            tracker.end_run(info["run_id"])
+        upstream[stage] = info
+        summary[stage] = {"run_id": info["run_id"], "cached": cached, "artifact_dir": info["artifact_dir"],
+                          "metrics": info["metrics"], "cache_key": key}
+        headline = {HEADLINE[stage][m]: v for m, v in info["metrics"].items() if m in HEADLINE.get(stage, {})}
+        if headline:
+            tracker.log_metrics(parent, headline)
+
+    together: list[str] = []
     try:
         for stage in order:
-            section = section_for_key(stage, cfg, sources)
-            hashes = input_hashes(stage, cfg, upstream, sources, wd)
-            key = stage_key(stage, section, hashes)
-            refresh = stage in forced or not is_complete(wd, stage, key)
-            run = {"config": cfg.model_dump(mode="json"), "workdir": str(wd), "parent_run_id": parent,
-                   "nonce": nonce, "progress": progress, "git_commit": commit, "sources": sources,
-                   "upstream": {s: upstream[s] for s in STAGE_DEFS[stage].deps(cfg)}, "log_models": True,
-                   "forced": stage in forced}
-            t = STAGE_TASKS[stage].with_options(result_storage=storage, refresh_cache=refresh)
-            info = t(stage=stage, section=section, input_hashes=hashes, run=run)
-            cached = info["nonce"] != nonce
-            if cached:
-                info = dict(info)
-                info["cached_from_run_id"] = info["run_id"]
-                info["run_id"] = tracker.start_run(stage, {
-                    "stage": stage, "cache_key": key, "cached": "true", "cached_from_run_id": info["run_id"],
-                    "prefect.flow_run_id": str(flow_run.id or ""), "git_commit": commit,
-                    "artifact_dir": info["artifact_dir"], "pipeline_run_id": parent}, parent_run_id=parent)
-                tracker.log_params(info["run_id"], section)
-                tracker.log_metrics(info["run_id"], info["metrics"])
-                tracker.end_run(info["run_id"])
-            upstream[stage] = info
-            summary[stage] = {"run_id": info["run_id"], "cached": cached, "artifact_dir": info["artifact_dir"],
-                              "metrics": info["metrics"], "cache_key": key}
-            headline = {HEADLINE[stage][m]: v for m, v in info["metrics"].items() if m in HEADLINE.get(stage, {})}
-            if headline:
-                tracker.log_metrics(parent, headline)
+            if stage in together:
+                continue  # ran beside the other finetune
+            job = prepare(stage)
+            jobs = [job]
+            if stage == "spam" and "instruct" in order:
+                other = prepare("instruct")
+                shares = finetune_shares(cfg) if job["refresh"] and other["refresh"] else None
+                if shares:
+                    together = ["spam", "instruct"]
+                    jobs.append(other)
+                    for j, mate in zip(jobs, ("instruct", "spam")):
+                        j["run"]["share"] = asdict(shares[j["stage"]])
+                        j["run"]["concurrent_with"] = mate
+                    log.info("spam and instruct run concurrently: spam %s; instruct %s",
+                             shares["spam"].describe(), shares["instruct"].describe())
+            if len(jobs) == 1:
+                infos = [job["task"](stage=stage, section=job["section"], input_hashes=job["hashes"], run=job["run"])]
+            else:
+                futures = [j["task"].submit(stage=j["stage"], section=j["section"], input_hashes=j["hashes"],
+                                            run=j["run"]) for j in jobs]
+                for f in futures:
+                    f.wait()
+                infos = [f.result() for f in futures]  # raises the first failure, after both ended
+            for job, info in zip(jobs, infos):
+                finish(job, info)
         tracker.log_metrics(parent, {"stages_cached": sum(s["cached"] for s in summary.values()),
                                      "stages_run": sum(not s["cached"] for s in summary.values())})
+        tracker.log_params(parent, {"concurrent_finetunes": ",".join(together) or "none"})
         tracker.end_run(parent)
     except BaseException:
         tracker.end_run(parent, "FAILED")
@@ -364,3 +399,4 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
         scaleout.unregister(nonce)
         data_runner.close()
     return {"pipeline_run_id": parent, "stages": summary}
+

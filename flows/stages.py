@@ -9,9 +9,9 @@ flows/pipeline.py turns each into a Prefect task with MLflow tracking and cachin
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from llm.config import STAGES, PipelineConfig
 from llm.result import StageResult
@@ -55,6 +55,18 @@ def local_file_input(value: str, field: str) -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"{field}: {value}: no such file")
     return p
+
+
+@dataclass
+class StageContext:
+    """What a stage body gets besides its config and upstream outputs."""
+
+    workdir: Path
+    progress: bool = True
+    log: Optional[Callable[[dict, int], None]] = None
+    on_checkpoint: Optional[Callable[[Path, int], None]] = None
+    sources: list[str] = field(default_factory=list)
+    data_runner: Any = None  # flows.scaleout.DataRunner: where clean/shard run parallel work
 
 
 # --- bodies: thin calls into llm/ -------------------------------------------------------------
