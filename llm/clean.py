@@ -36,7 +36,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import unicodedata
 from collections import deque
 from concurrent.futures import Executor
@@ -48,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from llm.fsutil import atomic_write_text
+from llm.fsutil import atomic_write_text, temp_file
 from llm.config import CleanConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -415,9 +414,7 @@ def run_clean(cfg: CleanConfig, inputs: dict[str, Path], out_dir: Path, progress
 
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "documents.parquet"
-    fd, tmp_name = tempfile.mkstemp(prefix=".documents.", suffix=".parquet.tmp", dir=out_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_file(out_dir, prefix=".documents.", suffix=".parquet.tmp")
     try:
         writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
         buf: dict[str, list[str]] = {"doc_id": [], "source": [], "text": []}

@@ -31,10 +31,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    try:  # Linux: read it without changing it (os.umask(0) would briefly affect every thread)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # once, at import
+
+
+def _umask() -> int:
+    return _UMASK
+
+
+def temp_file(directory: Path, prefix: str, suffix: str = ".tmp") -> Path:
+    """A new empty temp file in `directory` (for a write-then-rename) with normal permissions
+    (mkstemp alone gives 0600, which the final file would keep)."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+    finally:
+        os.close(fd)
+    return Path(name)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

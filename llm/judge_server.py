@@ -133,6 +133,7 @@ def assemble_gguf(dest: Optional[Path] = None, verify: bool = True) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp gives 0600; the model file is read by other users' servers too
         h = hashlib.sha256()
         with os.fdopen(fd, "wb") as out:
             for p in parts:

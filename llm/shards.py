@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
@@ -45,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llm import tokenizer as tok
-from llm.fsutil import atomic_write_text, sha256_file
+from llm.fsutil import atomic_write_text, sha256_file, temp_file
 from llm.config import ShardConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -90,9 +89,7 @@ class _SplitWriter:
         if not self._buf:
             return
         if self._writer is None:
-            fd, name = tempfile.mkstemp(prefix=f".{self.split}.", suffix=".parquet.tmp", dir=self.out_dir)
-            os.close(fd)
-            self._tmp = Path(name)
+            self._tmp = temp_file(self.out_dir, prefix=f".{self.split}.", suffix=".parquet.tmp")
             # Parquet stores uint16 as INT32: zstd brings it back to ~1.6 bytes/token. Dictionary
             # encoding only for the string columns (on tokens it slows reading ~4x for no gain).
             self._writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd", use_dictionary=["doc_id", "source"])

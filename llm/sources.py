@@ -34,7 +34,6 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -47,7 +46,7 @@ from typing import Optional
 import yaml
 from tqdm.auto import tqdm
 
-from llm.fsutil import atomic_write_text, sha256_file
+from llm.fsutil import atomic_write_text, sha256_file, temp_file
 from llm.config import DownloadConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -314,9 +313,7 @@ def fetch(source: Source, raw_dir: str | Path, mirror: str | Path | None = None,
     dest.parent.mkdir(parents=True, exist_ok=True)
     tried: list[str] = []
     for location in candidates(source, mirror):
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        tmp = temp_file(dest.parent, prefix=f".{dest.name}.", suffix=".part")
         member_tmp = tmp.with_suffix(".member")
         try:
             attempt = 0

@@ -217,3 +217,25 @@ def test_token_windows_from_shards(tmp_path):
     ds = TokenWindows.from_shards(tmp_path / "s", "train", context_length=16, stride=8)
     assert len(ds) == len(range(0, len(tokens) - 16, 8))
     assert ds[2][0].tolist() == tokens[16:32].tolist()
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    """Shards and documents.parquet are written via temp files; they end with the umask's mode, not 0600."""
+    import os
+    import stat
+
+    from llm.clean import run_clean
+    from llm.config import CleanConfig
+
+    old = os.umask(0o022)
+    try:
+        src = tmp_path / "a.txt"
+        src.write_text("Some text that is long enough to keep.\n" * 20)
+        docs = run_clean(CleanConfig(corpus=[str(src)]), {}, tmp_path / "clean", progress=False).outputs["documents"]
+        run_shard(ShardConfig(), docs, tmp_path / "shards", progress=False)
+    finally:
+        os.umask(old)
+    written = [docs, *sorted((tmp_path / "shards").iterdir())]
+    assert len(written) == 4
+    for p in written:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
