@@ -376,8 +376,8 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
                     for j, mate in zip(jobs, ("instruct", "spam")):
                         j["run"]["share"] = asdict(shares[j["stage"]])
                         j["run"]["concurrent_with"] = mate
-                    log.info("spam and instruct run concurrently: spam %s; instruct %s",
-                             shares["spam"].describe(), shares["instruct"].describe())
+                    print(f"spam and instruct run concurrently, each in its own process: spam "
+                          f"{shares['spam'].describe()}; instruct {shares['instruct'].describe()}")
             if len(jobs) == 1:
                 infos = [job["task"](stage=stage, section=job["section"], input_hashes=job["hashes"], run=job["run"])]
             else:
