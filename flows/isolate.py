@@ -2,10 +2,12 @@
 
 Both stages only need pretrain. They cannot share a process: torch keeps one global RNG (dropout,
 shuffles, init) and one thread-count setting, so two finetunes in two threads would not give the
-results either gives alone. Here each stage body runs in a spawned child process with its own
+results either gives alone. Here each stage body runs in a child process (`python -m flows.isolate`,
+so no script's __main__ is re-run) with its own
 share of the machine: a GPU of its own (CUDA_VISIBLE_DEVICES) when there are two, and half of the
 free CPU cores each (for a stage whose `threads` is 0, i.e. automatic). The child does only the llm/ work; its metrics and
-checkpoint notices come back over a queue to the stage task, which logs them to MLflow as usual.
+checkpoint notices come back over a pipe to the stage task, which logs them to MLflow as usual; the
+child ends itself if the flow's process dies (no orphan goes on writing the stage's folder).
 
 `orchestration.concurrent_finetunes`: false = one after the other (in the flow's process); true =
 concurrently whenever both must run; auto (default) = concurrently when each can have a GPU of its
@@ -16,10 +18,11 @@ own or at least 2 CPU cores of its own (4 free cores), else one after the other.
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
-import queue as queue_mod
+import struct
+import subprocess
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +66,47 @@ def finetune_shares(cfg, cores: Optional[int] = None, gpus: Optional[int] = None
 
 
 # --- the child process ------------------------------------------------------------------------------------
+# Messages on the pipe: 8-byte little-endian length, then a pickle of a tuple:
+#   ("log", metrics, step) | ("checkpoint", path, step) | ("done", StageResult) | ("error", exception, traceback)
 
-def _child(stage: str, cfg_data: dict, upstream: dict, work: str, ctx_data: dict, share: Share, q) -> None:
-    """Runs in the spawned process: the stage body with metrics and checkpoints sent back over q."""
+def _send(out, msg: tuple) -> None:
+    data = pickle.dumps(msg)
+    out.write(struct.pack("<Q", len(data)) + data)
+    out.flush()
+
+
+def _recv(inp) -> Optional[tuple]:
+    head = inp.read(8)
+    if len(head) < 8:
+        return None  # the child closed the pipe (ended)
+    (n,) = struct.unpack("<Q", head)
+    data = inp.read(n)
+    if len(data) < n:
+        return None
+    return pickle.loads(data)
+
+
+def _exit_with_parent(parent_pid: int, every: float = 1.0) -> None:
+    """A daemon thread that ends this process when the flow's process is gone (killed with -9, say):
+    an orphaned finetune would go on writing the stage's .partial folder that the next run resumes."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent_pid:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="llmpipe-parent-watch", daemon=True).start()
+
+
+def _child_main(fd: int) -> None:
+    """`python -m flows.isolate FD`: read the job (a pickle) from stdin, run it, report on FD."""
+    job = pickle.loads(sys.stdin.buffer.read())
+    out = os.fdopen(fd, "wb")
+    _exit_with_parent(job["parent_pid"])
+    stage, share = job["stage"], job["share"]
     try:
         import torch
 
@@ -73,82 +114,78 @@ def _child(stage: str, cfg_data: dict, upstream: dict, work: str, ctx_data: dict
         from flows.stages import STAGE_DEFS, StageContext  # not flows.pipeline: no prefect in here
         from llm.config import PipelineConfig
 
-        cfg = PipelineConfig.model_validate(cfg_data)
+        cfg = PipelineConfig.model_validate(job["config"])
         section = cfg.section(stage)
         if getattr(section, "threads", None) == 0:  # 0 = auto: this process's share; a number set by hand stays
             section.threads = share.threads
-        ctx = StageContext(workdir=Path(ctx_data["workdir"]), progress=ctx_data["progress"],
-                           log=lambda metrics, step: q.put(("log", dict(metrics), step)),
-                           on_checkpoint=lambda path, step: q.put(("checkpoint", str(path), step)),
-                           sources=ctx_data["sources"])
-        result = STAGE_DEFS[stage].body(cfg, upstream, Path(work), ctx)
-        q.put(("done", pickle.dumps(result)))
+        ctx = StageContext(workdir=Path(job["workdir"]), progress=job["progress"],
+                           log=lambda metrics, step: _send(out, ("log", dict(metrics), step)),
+                           on_checkpoint=lambda path, step: _send(out, ("checkpoint", str(path), step)),
+                           sources=job["sources"])
+        result = STAGE_DEFS[stage].body(cfg, job["upstream"], Path(job["work"]), ctx)
+        _send(out, ("done", result))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         try:
-            payload = pickle.dumps(e)
-            pickle.loads(payload)
+            pickle.loads(pickle.dumps(e))
         except Exception:
-            payload = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
-        q.put(("error", payload, traceback.format_exc()))
+            e = RuntimeError(f"{type(e).__name__}: {e}")
+        _send(out, ("error", e, traceback.format_exc()))
+    out.close()
 
 
 def run_body(stage: str, cfg, upstream: dict, work: Path, ctx, share: Share) -> Any:
-    """Run STAGE_DEFS[stage].body in a spawned process with `share`; returns its StageResult.
+    """Run STAGE_DEFS[stage].body in a child process with `share`; returns its StageResult.
 
     ctx.log and ctx.on_checkpoint are called here (in the caller's thread) as the child reports.
     An exception in the child is raised here (same type and message when it pickles); a child that
     dies without a word (killed, out of memory) is a RuntimeError naming the stage and exit code.
     """
-    mp = multiprocessing.get_context("spawn")
-    q = mp.Queue()
-    env_before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if share.gpu is not None:  # the child reads it at start-up (spawn copies the environment then)
-        visible = env_before.split(",") if env_before else None
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible[share.gpu] if visible else str(share.gpu)
+    env = dict(os.environ)
+    if share.gpu is not None:
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[share.gpu] if visible else str(share.gpu)
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's flows/ and llm/, installed or not
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    job = {"stage": stage, "config": cfg.model_dump(mode="json"), "upstream": upstream, "work": str(work),
+           "workdir": str(ctx.workdir), "progress": ctx.progress, "sources": list(ctx.sources), "share": share,
+           "parent_pid": os.getpid()}
+    r, w = os.pipe()
     try:
-        proc = mp.Process(target=_child, name=f"llmpipe-{stage}",
-                          args=(stage, cfg.model_dump(mode="json"), upstream, str(work),
-                                {"workdir": str(ctx.workdir), "progress": ctx.progress, "sources": list(ctx.sources)},
-                                share, q))
-        proc.start()
+        proc = subprocess.Popen([sys.executable, "-m", "flows.isolate", str(w)], stdin=subprocess.PIPE,
+                                pass_fds=(w,), env=env)
     finally:
-        if share.gpu is not None:
-            if env_before is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = env_before
+        os.close(w)
+    inp = os.fdopen(r, "rb")
     try:
-        while True:
-            try:
-                msg = q.get(timeout=1.0)
-            except queue_mod.Empty:
-                if not proc.is_alive():
-                    try:  # it may have reported just before exiting
-                        msg = q.get(timeout=1.0)
-                    except queue_mod.Empty:
-                        raise RuntimeError(f"{stage}: the stage's process ended without a result "
-                                           f"(exit code {proc.exitcode})") from None
-                else:
-                    continue
+        proc.stdin.write(pickle.dumps(job))
+        proc.stdin.close()
+        while (msg := _recv(inp)) is not None:
             kind = msg[0]
             if kind == "log" and ctx.log is not None:
                 ctx.log(msg[1], msg[2])
             elif kind == "checkpoint" and ctx.on_checkpoint is not None:
                 ctx.on_checkpoint(Path(msg[1]), msg[2])
             elif kind == "done":
-                proc.join(timeout=60)
-                return pickle.loads(msg[1])
+                proc.wait(timeout=120)
+                return msg[1]
             elif kind == "error":
-                proc.join(timeout=60)
-                exc = pickle.loads(msg[1])
+                proc.wait(timeout=120)
+                exc = msg[1]
                 if hasattr(exc, "add_note"):  # shown with --debug; the one-line message stays str(exc)
                     exc.add_note(f"raised in the {stage} stage's process:\n{msg[2]}")
                 raise exc
+        code = proc.wait()
+        raise RuntimeError(f"{stage}: the stage's process ended without a result (exit code {code})")
     finally:
-        if proc.is_alive():
+        inp.close()
+        if proc.poll() is None:
             proc.terminate()
-            proc.join(timeout=30)
-            if proc.is_alive():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join()
-        q.close()
+                proc.wait()
+
+
+if __name__ == "__main__":
+    _child_main(int(sys.argv[1]))

@@ -106,3 +106,77 @@ def test_error_in_the_stage_process_keeps_its_type_and_message(tmp_path):
     assert direct is not None
     assert type(info.value) is type(direct)
     assert str(info.value) == str(direct).replace(str(tmp_path / "w2"), str(tmp_path / "w"))
+
+
+PARENT = r'''
+import sys, random
+from pathlib import Path
+import torch
+from flows.isolate import Share, run_body
+from flows.stages import StageContext
+from llm.checkpoint import save_model
+from llm.config import load_config
+from llm.model import GPT, GPTConfig
+
+tmp = Path(sys.argv[1])
+torch.manual_seed(0)
+save_model(GPT(GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1)), tmp / "ckpt")
+rng = random.Random(0)
+lines = [("spam\tWIN a prize now call " if i % 3 == 0 else "ham\tsee you at lunch ") + str(rng.random())
+         for i in range(60)]
+(tmp / "sms.tsv").write_text("\n".join(lines))
+cfg = load_config("tiny", overrides=[f"spam.source={tmp / 'sms.tsv'}", "spam.epochs=100000", "spam.max_steps=null",
+                                     "spam.eval_every=1000000000", "spam.eval_batches=1", "spam.batch_size=2",
+                                     "spam.max_length=16", "spam.baseline=false"])
+ctx = StageContext(workdir=tmp, progress=False, log=lambda m, s: print("LOG", s, flush=True))
+print("STARTING", flush=True)
+run_body("spam", cfg, {"pretrain": {"outputs": {"checkpoint": str(tmp / "ckpt")}}}, tmp / "work", ctx, Share(1))
+'''
+
+
+def test_stage_process_ends_when_the_flow_process_is_killed(tmp_path):
+    """kill -9 of the flow's process must not leave the finetune running on as an orphan, even when
+    it is between two reports (nothing written to the pipe, so nothing breaks it)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        line = parent.stdout.readline()
+        assert line.startswith("STARTING"), (line, parent.stderr.read() if parent.poll() is not None else "")
+
+        def children() -> list[int]:
+            out = []
+            for status in Path("/proc").glob("[0-9]*/status"):
+                try:
+                    fields = dict(ln.split(":\t", 1) for ln in status.read_text().splitlines() if ":\t" in ln)
+                except OSError:
+                    continue
+                if fields.get("PPid", "").strip() == str(parent.pid):
+                    out.append(int(status.parent.name))
+            return out
+
+        deadline = time.time() + 30
+        while not (kids := children()) and time.time() < deadline:
+            time.sleep(0.2)
+        assert kids, "the stage process was not found"
+        time.sleep(4)  # past start-up, into training (which reports nothing before step 10^9)
+        assert parent.poll() is None, parent.stderr.read()
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.time() + 20
+        alive = kids
+        while alive and time.time() < deadline:
+            time.sleep(0.2)
+            alive = [k for k in alive if Path(f"/proc/{k}").exists()
+                     and "zombie" not in Path(f"/proc/{k}/status").read_text().lower()]
+        assert not alive, f"stage process {alive} still runs after its flow process was killed"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
