@@ -13,7 +13,7 @@ How a stage runs (see flows/stages.py for the stages themselves):
 2. If the stage's artifacts for that key are missing or incomplete, or `--force` names it, the
    task is called with `refresh_cache=True` and runs.
 3. A running stage writes into `<root>/<key>.partial/` and the folder is renamed to `<root>/<key>/`
-   only when complete (resumable stages — pretrain, instruct — resume from a crashed .partial).
+   only when complete (resumable stages — pretrain, spam, instruct — resume from a crashed .partial).
 4. spam and instruct, when both must run and orchestration.concurrent_finetunes allows it, are
    submitted together, each running its llm/ call in a process of its own (flows/isolate.py);
    clean and shard do their parallel work on orchestration.task_runner (flows/scaleout.py).

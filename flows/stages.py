@@ -180,7 +180,7 @@ STAGE_DEFS: dict[str, Stage] = {
     "evaluate": Stage("evaluate", "data/artifacts/evaluate", lambda c: ["shard", "pretrain"],
                       lambda c: [("shard", "shards"), ("pretrain", "checkpoint")], _evaluate),
     "spam": Stage("spam", "data/artifacts/spam", lambda c: _finetune_deps(c.spam.source, c.spam.init),
-                  lambda c: _finetune_reads(c.spam.source, c.spam.init), _spam),
+                  lambda c: _finetune_reads(c.spam.source, c.spam.init), _spam, resumable=True),
     "instruct": Stage("instruct", "data/artifacts/instruct",
                       lambda c: _finetune_deps(c.instruct.data, c.instruct.init),
                       lambda c: _finetune_reads(c.instruct.data, c.instruct.init), _instruct, resumable=True),

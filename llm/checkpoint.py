@@ -94,3 +94,17 @@ def load_model(directory: str | Path, map_location: str = "cpu", strict: bool = 
                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     model.eval()
     return model
+
+
+def load_weights_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:
+    """Load a de-duplicated state dict (tied tensors stored once, as save_model writes them) into
+    `model`; a tensor that is really missing or unexpected is a ValueError naming `source`."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    ptr_names: dict[int, list[str]] = {}
+    for n, t in model.state_dict(keep_vars=True).items():
+        ptr_names.setdefault(t.data_ptr(), []).append(n)
+    really_missing = [m for m in missing
+                      if not any(o in sd for o in ptr_names.get(model.state_dict(keep_vars=True)[m].data_ptr(), []))]
+    if really_missing or unexpected:
+        raise ValueError(f"{source}: weights do not match this run's model (missing {really_missing[:5]}, "
+                         f"unexpected {list(unexpected)[:5]})")

@@ -153,6 +153,8 @@ class SpamConfig(Section):
     seed: int = 123
     baseline: bool = True
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = cores actually free)")
+    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between resumable checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
 
 
 class InstructConfig(Section):

@@ -65,7 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
+from llm.checkpoint import atomic_write_text, load_model, load_weights_into, read_config, save_model
 from llm.config import InstructConfig
 from llm.fsutil import save_figure
 from llm.model import EOT_ID, GPT
@@ -297,19 +297,6 @@ def loader_loss(model: nn.Module, seqs: Sequence[Sequence[int]], prompt_lens: Op
     return sum(losses) / len(losses)
 
 
-def _load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:
-    """Load a de-duplicated state dict (tied tensors stored once) into `model`."""
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    ptr_names: dict[int, list[str]] = {}
-    for n, t in model.state_dict(keep_vars=True).items():
-        ptr_names.setdefault(t.data_ptr(), []).append(n)
-    really_missing = [m for m in missing
-                      if not any(o in sd for o in ptr_names.get(model.state_dict(keep_vars=True)[m].data_ptr(), []))]
-    if really_missing or unexpected:
-        raise ValueError(f"{source}: weights do not match this run's model (missing {really_missing[:5]}, "
-                         f"unexpected {list(unexpected)[:5]})")
-
-
 def _data_digest(train: Sequence[dict]) -> str:
     return hashlib.sha256(json.dumps(list(train), sort_keys=True).encode()).hexdigest()
 
@@ -464,7 +451,7 @@ def _run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_chec
         if state.get("identity") != identity:
             raise ValueError(f"{latest / 'state.json'}: this checkpoint was made with a different instruct config, "
                              "data or base model; use a new output folder (or delete its checkpoints/) to start over")
-        _load_weights(model, load_file(str(latest / "model.safetensors"), device=str(device)), latest)
+        load_weights_into(model, load_file(str(latest / "model.safetensors"), device=str(device)), latest)
         tensors = load_file(str(latest / "optimizer.safetensors"))
         optimizer_from_flat(opt, tensors, state["optimizer_param_groups"])
         _restore_rng(state, tensors, device)

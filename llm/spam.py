@@ -247,7 +247,7 @@ class _Batches:
     def __init__(self, seqs: list[list[int]], labels: Sequence[int], batch_size: int,
                  shuffle: bool = False, drop_last: bool = False, seed: int = 123):
         self.seqs, self.labels = seqs, torch.as_tensor(list(labels), dtype=torch.long)
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -260,9 +260,23 @@ class _Batches:
         n = len(self.seqs)
         order = torch.randperm(n, generator=self.gen).tolist() if self.shuffle else list(range(n))
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            ids, lengths = pad_batch([self.seqs[i] for i in idx])
-            yield ids, lengths, self.labels[idx]
+            yield self.batch(order, b)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The order `__iter__` gives in epoch `epoch` (0-based) of a fresh instance: the seeded
+        generator's (epoch+1)-th permutation, so a resumed run sees the same batches."""
+        n = len(self.seqs)
+        if not self.shuffle:
+            return list(range(n))
+        gen = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch):
+            torch.randperm(n, generator=gen)
+        return torch.randperm(n, generator=gen).tolist()
+
+    def batch(self, order: list[int], b: int):
+        idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        ids, lengths = pad_batch([self.seqs[i] for i in idx])
+        return ids, lengths, self.labels[idx]
 
 
 @torch.no_grad()
@@ -477,8 +491,16 @@ def load_backbone(cfg: SpamConfig, base_checkpoint: Optional[Path]) -> GPT:
     return load_pretrained(cfg.init)
 
 
+class TrainingInterrupted(RuntimeError):
+    """Raised by the `stop_after` test hook, as if the run had been killed after that step."""
+
+
+STATE_VERSION = 1
+
+
 def run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: Optional[Path] = None,
-             progress: bool = True, log: Optional[MetricLogger] = None) -> StageResult:
+             progress: bool = True, log: Optional[MetricLogger] = None,
+             stop_after: Optional[int] = None) -> StageResult:
     """Finetune a GPT backbone as a ham/spam classifier; write splits, plots, predictions, classifier.
 
     Returns metrics (accuracies, test F1/precision/recall, the TF-IDF baseline, split counts),
@@ -486,17 +508,27 @@ def run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: O
     outputs {"classifier": out_dir/"classifier"} (load it with load_classifier).
     Runs with cfg.threads torch threads (0 = the cores not already busy; oversubscribed
     cores slow small-matrix training by an order of magnitude), restored afterwards.
+    Every cfg.checkpoint_every steps the run saves out_dir/checkpoints/step-N (weights, optimizer,
+    RNG, position in the data); running again with the same out_dir resumes from the newest one
+    and ends exactly where the uninterrupted run would have (the checkpoints are deleted at the end).
+    `stop_after` (tests) raises TrainingInterrupted after that optimizer step, as a kill would.
     """
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or free_cores())  # llm.train.free_cores: affinity minus load
     try:
-        return _run_spam(cfg, data_file, out_dir, base_checkpoint, progress, log)
+        return _run_spam(cfg, data_file, out_dir, base_checkpoint, progress, log, stop_after)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: Optional[Path],
-              progress: bool, log: Optional[MetricLogger]) -> StageResult:
+              progress: bool, log: Optional[MetricLogger], stop_after: Optional[int]) -> StageResult:
+    import hashlib
+    import json
+    import shutil
+
+    from llm.train import _restore_rng, _rng_json, _rng_tensors, list_checkpoints, optimizer_from_flat, save_checkpoint
+
     log = log_or_null(log)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -537,7 +569,44 @@ def _run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: 
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     history: list[dict] = []
-    step, run_loss, run_correct, run_n = 0, 0.0, 0, 0
+    step, epoch, epoch_step, run_loss, run_correct, run_n, train_time = 0, 0, 0, 0.0, 0, 0, 0.0
+
+    # ---- resume from the newest checkpoint of an interrupted run in this folder
+    identity = {"version": STATE_VERSION,
+                "config": cfg.model_dump(mode="json", exclude={"threads", "checkpoint_every", "keep_checkpoints",
+                                                               "baseline"}),
+                "data": hashlib.sha256(json.dumps([train_ids, train_df["label"].tolist()]).encode()).hexdigest(),
+                "model_config": net.cfg.to_dict()}
+    ckpt_root = out_dir / "checkpoints"
+    for stale in ckpt_root.glob(".step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    resumed_from = None
+    ckpts = list_checkpoints(ckpt_root)
+    if ckpts:
+        from safetensors.torch import load_file
+
+        from llm.checkpoint import load_weights_into
+
+        latest = ckpts[-1]
+        state = json.loads((latest / "state.json").read_text())
+        if state.get("identity") != identity:
+            raise ValueError(f"{latest / 'state.json'}: this checkpoint was made with a different spam config, "
+                             "data or base model; use a new output folder (or delete its checkpoints/) to start over")
+        load_weights_into(net, load_file(str(latest / "model.safetensors"), device=str(device)), latest)
+        tensors = load_file(str(latest / "optimizer.safetensors"))
+        optimizer_from_flat(opt, tensors, state["optimizer_param_groups"])
+        _restore_rng(state, tensors, device)
+        step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        run_loss, run_correct, run_n = state["run_loss"], state["run_correct"], state["run_n"]
+        history, train_time = state["history"], state["train_time"]
+        resumed_from = step
+
+    def save(step_now: int) -> None:
+        state = {"identity": identity, "step": step_now, "epoch": epoch, "epoch_step": epoch_step,
+                 "run_loss": run_loss, "run_correct": run_correct, "run_n": run_n, "history": history,
+                 "train_time": train_time + (time.time() - t_train), "rng": _rng_json()}
+        save_checkpoint(ckpt_root, step_now, net, opt, state, _rng_tensors(device), cfg.keep_checkpoints,
+                        stage="spam")
 
     def do_eval():
         nonlocal run_loss, run_correct, run_n
@@ -552,17 +621,17 @@ def _run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: 
 
     net.train()
     t_train = time.time()
-    bar = tqdm(total=total, desc="spam finetune", disable=not progress, unit="step")
-    done = False
-    for epoch in range(cfg.epochs):
-        for ids, lengths, y in train_b:
-            ids, lengths, y = ids.to(device), lengths.to(device), y.to(device)
+    bar = tqdm(total=total, initial=step, desc="spam finetune", disable=not progress, unit="step")
+    while step < total:
+        order = train_b.epoch_order(epoch)  # the same batches as an uninterrupted run's
+        for b in range(epoch_step, len(train_b)):
+            ids, lengths, y = (t.to(device) for t in train_b.batch(order, b))
             logits = classify_logits(net, ids, lengths)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
+            step, epoch_step = step + 1, b + 1
             run_loss += loss.item() * len(y)
             run_correct += int((logits.argmax(-1) == y).sum())
             run_n += len(y)
@@ -570,15 +639,18 @@ def _run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: 
             if step % cfg.eval_every == 0:
                 rec = do_eval()
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val_acc=f"{rec['val_accuracy']:.3f}")
+            if step % cfg.checkpoint_every == 0 and step < total:
+                save(step)
+            if stop_after is not None and step >= stop_after and step < total:
+                raise TrainingInterrupted(f"spam stopped after step {step} (test hook)")
             if step >= total:
-                done = True
                 break
-        if done:
-            break
+        else:
+            epoch, epoch_step = epoch + 1, 0
     if run_n:
         do_eval()
     bar.close()
-    train_seconds = time.time() - t_train
+    train_seconds = train_time + (time.time() - t_train)
 
     # ---- final evaluation
     net.eval()
@@ -626,9 +698,11 @@ def _run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: 
     clf_dir = save_model(net, out_dir / "classifier", extra={
         "task": "spam", "labels": list(LABELS), "tokenizer": "gpt2", "max_length": L,
         "train_mode": cfg.train_mode, "test_accuracy": metrics["test_accuracy"]})
+    shutil.rmtree(ckpt_root, ignore_errors=True)  # only for resuming; the classifier is the result
     metrics["stage_seconds"] = time.time() - t_start
     params = {"max_length": L, "train_mode": cfg.train_mode, "lora_modules": len(wrapped),
-              "backbone": cfg.init, "device": str(device), "threads": torch.get_num_threads()}
+              "backbone": cfg.init, "device": str(device), "threads": torch.get_num_threads(),
+              "resumed_from_step": resumed_from}
     return StageResult(metrics=metrics, params=params, artifacts=artifacts, outputs={"classifier": clf_dir})
 
 

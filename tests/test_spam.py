@@ -305,3 +305,36 @@ def test_run_spam_lora_exports_merged_plain_model(tmp_path):
 def test_run_spam_pretrain_needs_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="no pretrain checkpoint was given"):
         run_spam(SpamConfig(init="pretrain"), fixture_file(tmp_path), tmp_path / "out", None, progress=False)
+
+
+def test_run_spam_resume_after_stop_is_exact(tmp_path):
+    """A run stopped after step 5 (checkpoints every 2 steps) and run again ends bit for bit where
+    the uninterrupted run ends; a changed config refuses those checkpoints."""
+    from safetensors.torch import load_file
+
+    from llm.spam import TrainingInterrupted
+
+    torch.manual_seed(0)
+    save_model(GPT(TINY), tmp_path / "base")
+    data = fixture_file(tmp_path)
+    cfg = SpamConfig(init="pretrain", train_mode="all", epochs=3, batch_size=4, lr=1e-3, eval_every=3,
+                     eval_batches=1, checkpoint_every=2, baseline=False)
+    full = run_spam(cfg, data, tmp_path / "full", tmp_path / "base", progress=False)
+    with pytest.raises(TrainingInterrupted):
+        run_spam(cfg, data, tmp_path / "resumed", tmp_path / "base", progress=False, stop_after=5)
+    assert [p.name for p in sorted((tmp_path / "resumed" / "checkpoints").iterdir())] == ["step-000002",
+                                                                                          "step-000004"]
+    with pytest.raises(ValueError, match=r"step-000004/state.json: this checkpoint was made with a different spam"):
+        run_spam(cfg.model_copy(update={"lr": 2e-3}), data, tmp_path / "resumed", tmp_path / "base", progress=False)
+    seen = []
+    resumed = run_spam(cfg, data, tmp_path / "resumed", tmp_path / "base", progress=False,
+                       log=lambda m, s: seen.append(s))
+    assert resumed.params["resumed_from_step"] == 4 and full.params["resumed_from_step"] is None
+    assert seen == [6, 9, 12]  # the steps after the checkpoint (12 = 3 epochs x 4 steps)
+    a = load_file(str(full.outputs["classifier"] / "model.safetensors"))
+    b = load_file(str(resumed.outputs["classifier"] / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timing = {"train_seconds", "stage_seconds"}
+    assert {k: v for k, v in full.metrics.items() if k not in timing} == \
+        {k: v for k, v in resumed.metrics.items() if k not in timing}
+    assert not (tmp_path / "resumed" / "checkpoints").exists()  # removed once the classifier is written
