@@ -73,9 +73,9 @@ def section_for_key(stage: str, cfg: PipelineConfig, sources: list[str]) -> dict
     if stage == "download":  # where files come from does not change what they are (sha256 pinned)
         section = {"sources": sources, "accept_changed": section["accept_changed"]}  # + pinned entries (inputs)
     if stage == "pretrain":
-        section.pop("threads", None)  # how many threads run it does not change the result
+        section.pop("threads", None)  # the thread count changes the weights at most in the last bits
     if stage == "shard":
-        section.pop("workers", None)  # nor how many tokenize it (byte-identical shards)
+        section.pop("workers", None)  # how many tokenize does not change the shards at all
     return section
 
 
