@@ -315,7 +315,7 @@ def _one_line(e: BaseException) -> str:
         msg = f"{e.filename}: {msg}"
     first = msg.splitlines()[0]
     return first if type(e) in (ValueError, FileNotFoundError, RuntimeError) or type(e).__module__.startswith(
-        "llm") else f"{type(e).__name__}: {first}"
+        ("llm", "flows")) else f"{type(e).__name__}: {first}"
 
 
 if __name__ == "__main__":

@@ -36,6 +36,13 @@ class DaskUnavailable(RuntimeError):
     pass
 
 
+class _NoDashboardLink(logging.Filter):
+    """prefect-dask announces a dashboard link even when the local cluster has no dashboard."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("The Dask dashboard is available")
+
+
 class DataRunner:
     """The data stages' executor for one flow run, started on first use."""
 
@@ -75,6 +82,9 @@ class DataRunner:
             n = self.cfg.dask_workers or free_cores()
             runner = DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True,
                                                     "dashboard_address": None})
+            dask_log = logging.getLogger("prefect.task_runner.dask")
+            if not any(isinstance(f, _NoDashboardLink) for f in dask_log.filters):
+                dask_log.addFilter(_NoDashboardLink())
         logging.getLogger("distributed").setLevel(max(logging.WARNING, logging.getLogger("distributed").level))
         runner.__enter__()
         try:
