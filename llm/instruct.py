@@ -53,7 +53,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,7 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.checkpoint import atomic_write_text, load_model, load_weights_into, read_config, save_model
+from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
 from llm.config import InstructConfig
 from llm.fsutil import save_figure
 from llm.model import EOT_ID, GPT
@@ -391,7 +390,7 @@ def _run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_chec
     from tqdm import tqdm
 
     from llm.tokenizer import get_encoding
-    from llm.train import _restore_rng, _rng_json, _rng_tensors, list_checkpoints, optimizer_from_flat, save_checkpoint
+    from llm.train import _rng_json, _rng_tensors, resume_finetune, save_checkpoint
 
     log = log_or_null(log)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -436,25 +435,12 @@ def _run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_chec
 
     # resume
     ckpt_root = out_dir / "checkpoints"
-    for stale in ckpt_root.glob(".step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     step, epoch, epoch_step, tokens_seen, train_time = 0, 0, 0, 0, 0.0
     history = {"step": [], "tokens_seen": [], "train_loss": [], "val_loss": []}
     run_sum, run_n = 0.0, 0
     resumed_from = None
-    ckpts = list_checkpoints(ckpt_root)
-    if ckpts:
-        from safetensors.torch import load_file
-
-        latest = ckpts[-1]
-        state = json.loads((latest / "state.json").read_text())
-        if state.get("identity") != identity:
-            raise ValueError(f"{latest / 'state.json'}: this checkpoint was made with a different instruct config, "
-                             "data or base model; use a new output folder (or delete its checkpoints/) to start over")
-        load_weights_into(model, load_file(str(latest / "model.safetensors"), device=str(device)), latest)
-        tensors = load_file(str(latest / "optimizer.safetensors"))
-        optimizer_from_flat(opt, tensors, state["optimizer_param_groups"])
-        _restore_rng(state, tensors, device)
+    state = resume_finetune(ckpt_root, identity, model, opt, device, "instruct")
+    if state is not None:
         step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
         tokens_seen, train_time, history = state["tokens_seen"], state["train_time"], state["history"]
         run_sum, run_n = state["run_loss_sum"], state["run_loss_count"]

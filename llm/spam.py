@@ -527,7 +527,7 @@ def _run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: 
     import json
     import shutil
 
-    from llm.train import _restore_rng, _rng_json, _rng_tensors, list_checkpoints, optimizer_from_flat, save_checkpoint
+    from llm.train import _rng_json, _rng_tensors, resume_finetune, save_checkpoint
 
     log = log_or_null(log)
     out_dir = Path(out_dir)
@@ -578,24 +578,9 @@ def _run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: 
                 "data": hashlib.sha256(json.dumps([train_ids, train_df["label"].tolist()]).encode()).hexdigest(),
                 "model_config": net.cfg.to_dict()}
     ckpt_root = out_dir / "checkpoints"
-    for stale in ckpt_root.glob(".step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     resumed_from = None
-    ckpts = list_checkpoints(ckpt_root)
-    if ckpts:
-        from safetensors.torch import load_file
-
-        from llm.checkpoint import load_weights_into
-
-        latest = ckpts[-1]
-        state = json.loads((latest / "state.json").read_text())
-        if state.get("identity") != identity:
-            raise ValueError(f"{latest / 'state.json'}: this checkpoint was made with a different spam config, "
-                             "data or base model; use a new output folder (or delete its checkpoints/) to start over")
-        load_weights_into(net, load_file(str(latest / "model.safetensors"), device=str(device)), latest)
-        tensors = load_file(str(latest / "optimizer.safetensors"))
-        optimizer_from_flat(opt, tensors, state["optimizer_param_groups"])
-        _restore_rng(state, tensors, device)
+    state = resume_finetune(ckpt_root, identity, net, opt, device, "spam")
+    if state is not None:
         step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
         run_loss, run_correct, run_n = state["run_loss"], state["run_correct"], state["run_n"]
         history, train_time = state["history"], state["train_time"]

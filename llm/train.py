@@ -406,6 +406,30 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def resume_finetune(ckpt_root: Path, identity: dict, model: nn.Module, opt: torch.optim.Optimizer,
+                    device: torch.device, stage: str) -> Optional[dict]:
+    """For the finetune stages (spam, instruct): drop temp folders of a killed save, then load the
+    newest complete checkpoint in ckpt_root into model, optimizer and RNGs and return its state
+    (None when there is none). A checkpoint whose state["identity"] differs is a ValueError."""
+    from llm.checkpoint import load_weights_into
+
+    for stale in ckpt_root.glob(".step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    ckpts = list_checkpoints(ckpt_root)
+    if not ckpts:
+        return None
+    latest = ckpts[-1]
+    state = json.loads((latest / "state.json").read_text())
+    if state.get("identity") != identity:
+        raise ValueError(f"{latest / 'state.json'}: this checkpoint was made with a different {stage} config, "
+                         "data or base model; use a new output folder (or delete its checkpoints/) to start over")
+    load_weights_into(model, load_file(str(latest / "model.safetensors"), device=str(device)), latest)
+    tensors = load_file(str(latest / "optimizer.safetensors"))
+    optimizer_from_flat(opt, tensors, state["optimizer_param_groups"])
+    _restore_rng(state, tensors, device)
+    return state
+
+
 def _rng_json() -> dict:
     py = random.getstate()
     npy = np.random.get_state()
