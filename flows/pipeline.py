@@ -361,14 +361,15 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
             tracker.log_metrics(parent, headline)
 
     together: list[str] = []
+    prepared: dict[str, dict] = {}  # instruct, looked at beside spam (it does not depend on spam)
     try:
         for stage in order:
             if stage in together:
                 continue  # ran beside the other finetune
-            job = prepare(stage)
+            job = prepared.pop(stage, None) or prepare(stage)
             jobs = [job]
             if stage == "spam" and "instruct" in order:
-                other = prepare("instruct")
+                other = prepared["instruct"] = prepare("instruct")
                 shares = finetune_shares(cfg) if job["refresh"] and other["refresh"] else None
                 if shares:
                     together = ["spam", "instruct"]

@@ -54,10 +54,6 @@ class DataRunner:
         self._lock = threading.Lock()
         self.connect_timeout = "20s"  # how long to try reaching orchestration.dask_address
 
-    @property
-    def kind(self) -> str:
-        return self.cfg.task_runner
-
     def executor(self) -> tuple[Optional[Executor], int]:
         """(executor, how many work units it runs at once); (None, 0) means: threads, in this process."""
         if self.cfg.task_runner != "dask":
