@@ -59,7 +59,7 @@ from typing import Any, Optional
 
 import yaml
 
-from llm.config import STAGES
+from llm.config import STAGES, yaml_error_message
 
 FLOW_NAME = "llmpipe"
 DEPLOYMENTS = ("pipeline",) + tuple(STAGES)
@@ -152,9 +152,7 @@ def load_schedule_file(path: str | Path) -> ServeSpec:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: schedule file not found") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ValueError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise ValueError(yaml_error_message(path, e)) from None
     spec = ServeSpec()
     if data is None:
         return spec

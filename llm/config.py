@@ -246,6 +246,22 @@ class PipelineConfig(Section):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def yaml_error_message(path: Path, e: yaml.YAMLError) -> str:
+    """"FILE:LINE: invalid YAML (problem)" for a YAML file that does not parse."""
+    mark = getattr(e, "problem_mark", None)
+    where = f":{mark.line + 1}" if mark is not None else ""
+    return f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})"
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """--set items of a `python -m llm.<stage>` entry point as {"key": value} for its config class."""
+    fields = {}
+    for item in items:
+        path, value = parse_override(item)
+        fields[".".join(path)] = value
+    return fields
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -260,9 +276,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(yaml_error_message(path, e)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

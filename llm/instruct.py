@@ -540,7 +540,7 @@ def _run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_chec
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from llm.config import parse_override
+    from llm.config import parse_overrides
 
     ap = argparse.ArgumentParser(prog="python -m llm.instruct", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="instruction JSON/JSONL file")
@@ -548,10 +548,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--base", help="base checkpoint folder for init=pretrain")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="InstructConfig field")
     a = ap.parse_args(argv)
-    fields = {}
-    for item in a.set:
-        path, value = parse_override(item)
-        fields[".".join(path)] = value
+    fields = parse_overrides(a.set)
     try:
         cfg = InstructConfig(**fields)
         res = run_instruct(cfg, Path(a.data), Path(a.out), Path(a.base) if a.base else None)

@@ -559,7 +559,7 @@ def run_judge(cfg: JudgeConfig, responses: Path, out_dir: Path, cache_path: Opti
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from llm.config import parse_override
+    from llm.config import parse_overrides
 
     ap = argparse.ArgumentParser(prog="python -m llm.judge", description=__doc__.split("\n\n")[0])
     ap.add_argument("--responses", required=True, help="responses.parquet / .json / .jsonl")
@@ -567,10 +567,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--cache", help="SQLite cache file (persists across runs)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="JudgeConfig field")
     a = ap.parse_args(argv)
-    fields = {}
-    for item in a.set:
-        path, value = parse_override(item)
-        fields[".".join(path)] = value
+    fields = parse_overrides(a.set)
     try:
         cfg = JudgeConfig(**fields)
         res = run_judge(cfg, Path(a.responses), Path(a.out), Path(a.cache) if a.cache else None)

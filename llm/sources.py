@@ -47,7 +47,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from llm.fsutil import atomic_write_text, sha256_file, temp_file
-from llm.config import DownloadConfig
+from llm.config import DownloadConfig, yaml_error_message
 from llm.result import MetricLogger, StageResult, log_or_null
 
 KINDS = ("text", "sms_spam", "instructions")
@@ -124,9 +124,7 @@ def load_sources(path: str | Path | None = None) -> dict[str, Source]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: sources file not found") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ValueError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise ValueError(yaml_error_message(path, e)) from None
     if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
         raise ValueError(f"{path}: expected a top-level 'sources:' list of entries")
     out: dict[str, Source] = {}

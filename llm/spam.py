@@ -698,13 +698,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="pretrain checkpoint folder (init=pretrain)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="SpamConfig field override")
     args = ap.parse_args(argv)
-    from llm.config import parse_override
+    from llm.config import parse_overrides
 
-    fields = {}
-    for item in args.set:
-        path, value = parse_override(item)
-        fields[".".join(path)] = value
-    cfg = SpamConfig(**fields)
+    cfg = SpamConfig(**parse_overrides(args.set))
     res = run_spam(cfg, args.data_file, args.out_dir, args.checkpoint)
     for k, v in res.metrics.items():
         print(f"{k}: {v}")
