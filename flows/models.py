@@ -6,6 +6,9 @@
 - `--run-id ID`: a stage run (its artifact folder, or its logged `checkpoint` artifact when the
   folder is gone), or a pipeline run (its child run of the wanted stage).
 - neither: the newest completed artifact of the stage under the workdir.
+
+A model folder that belongs to a stage's recorded artifacts is re-hashed against the record before
+it is returned: weights that changed on disk are refused with one line naming the file.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from flows.pipeline import MARKER
+from flows.cache import RECORD as MARKER
+from flows.cache import verify_files
 from flows.stages import STAGE_DEFS
 
 OUTPUT_NAME = {"pretrain": "checkpoint", "spam": "classifier", "instruct": "model"}
@@ -40,7 +44,32 @@ def newest(workdir: Path, stage: str) -> Path:
                             "or pass --checkpoint DIR / --run-id ID")
 
 
+def check_model_dir(d: Path) -> Path:
+    """Verify a model folder against the stage record it belongs to (if any); raise ValueError on a change."""
+    d = Path(d).resolve()
+    for base in (d, *list(d.parents)[:3]):
+        rec_file = base / MARKER
+        if not rec_file.is_file():
+            continue
+        try:
+            files = json.loads(rec_file.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return d  # a record of an older llmpipe: nothing to check against
+        prefix = d.relative_to(base).as_posix()
+        mine = {rel: e for rel, e in files.items() if prefix == "." or rel.startswith(prefix + "/")}
+        reason, _ = verify_files(base, {rel: dict(e) for rel, e in mine.items()}, full=True)
+        if reason:
+            raise ValueError(f"{reason}; refusing to load a model whose files differ from what the stage recorded "
+                             f"(re-run the stage that made it)")
+        return d
+    return d
+
+
 def resolve_model_dir(run_id: Optional[str], checkpoint: Optional[str], workdir: Path, stage: str) -> Path:
+    return check_model_dir(_resolve_model_dir(run_id, checkpoint, workdir, stage))
+
+
+def _resolve_model_dir(run_id: Optional[str], checkpoint: Optional[str], workdir: Path, stage: str) -> Path:
     if checkpoint:
         p = Path(checkpoint)
         if not (p / "config.json").exists():

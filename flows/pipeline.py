@@ -5,15 +5,19 @@
 
 or from the shell: `llmpipe run [STAGE ...] --preset tiny`.
 
-How a stage runs (see flows/stages.py for the stages themselves):
+How a stage runs (see flows/stages.py for the stages themselves, flows/cache.py for the cache):
 1. The flow computes the stage's cache key from its config section, the content hashes of the
-   upstream outputs it reads and the version of its code (flows/cache.py). The Prefect task's
-   `cache_key_fn` returns that key; Prefect persists each task's result (a small JSON record of
-   paths, hashes and metrics) under data/cache/prefect, so an unchanged stage is not run again.
-2. If the stage's artifacts for that key are missing or incomplete, or `--force` names it, the
-   task is called with `refresh_cache=True` and runs.
+   upstream outputs it reads and the version of its code. The stage's record (flows/cache.py) is the
+   only cache: when it exists for that key and its files verify, the stage is re-used; Prefect
+   persists no results. The Prefect task run is named after the stage and tagged with its key and
+   `cached` or `ran`.
+2. Before a stage runs, the upstream outputs it reads are re-hashed in full; one that changed since
+   it was recorded makes that upstream stage stale, and it is rebuilt first (never used).
 3. A running stage writes into `<root>/<key>.partial/` and the folder is renamed to `<root>/<key>/`
-   only when complete (resumable stages — pretrain, spam, instruct — resume from a crashed .partial).
+   only when complete (resumable stages, pretrain, spam and instruct, resume from a crashed
+   .partial; other stages' .partial folders are removed when they fail, and other keys' when a
+   stage finishes). The raw downloads get one record per source, so a command re-uses every source
+   that is present and verified and fetches only what is missing.
 4. spam and instruct, when both must run and orchestration.concurrent_finetunes allows it, are
    submitted together, each running its llm/ call in a process of its own (flows/isolate.py);
    clean and shard do their parallel work on orchestration.task_runner (flows/scaleout.py).
@@ -24,27 +28,31 @@ How a stage runs (see flows/stages.py for the stages themselves):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from flows import scaleout
-from flows.cache import hash_path, stage_key
-from flows.isolate import finetune_shares
-from flows.stages import (STAGE_DEFS, StageContext, extra_input_hashes, needed_sources, plan, source_entries_hash,
-                          sources_file)
-from flows.tracking import get_tracker, git_commit
-from llm.config import STAGES, PipelineConfig, load_config
+from flows.cache import (StageInfo, artifact_dir, check_stage, describe_outputs, drop_source_records, input_hashes,
+                         remove_stale_partials, section_for_key, stage_key, verify_files, write_record,
+                         write_source_records)
+from flows.isolate import Share, finetune_shares, run_body
+from flows.stages import STAGE_DEFS, StageContext, needed_sources, plan, resolve  # noqa: F401 (resolve: re-exported)
+from flows.tracking import get_tracker, git_commit, mark_dead_runs, process_tags
+from llm.config import PipelineConfig
+from llm.fsutil import atomic_write_text
 
-MARKER = ".llmpipe-stage.json"
 DATA_STAGES = ("clean", "shard")  # the stages orchestration.task_runner applies to
 HEADLINE = {
     "pretrain": {"train_loss": "pretrain_train_loss", "val_loss": "pretrain_val_loss",
@@ -57,68 +65,38 @@ HEADLINE = {
 log = logging.getLogger("llmpipe")
 
 
-# --- keys, folders, completeness -------------------------------------------------------------------
+class StaleInput(RuntimeError):
+    """An upstream output changed on disk after it was recorded (raised before anything reads it)."""
 
-def input_hashes(stage: str, cfg: PipelineConfig, upstream: dict[str, dict], sources: list[str],
-                 workdir: Path) -> dict[str, str]:
-    hashes = {f"{up}.{name}": upstream[up]["output_hashes"][name] for up, name in STAGE_DEFS[stage].reads(cfg)}
-    hashes.update(extra_input_hashes(stage, cfg))
-    if stage == "download":
-        hashes["sources"] = source_entries_hash(sources, sources_file(cfg, workdir))
-    return hashes
+    def __init__(self, stage: str, reason: str):
+        super().__init__(f"{stage}: {reason}")
+        self.stage = stage
 
 
-def section_for_key(stage: str, cfg: PipelineConfig, sources: list[str]) -> dict:
-    section = cfg.section(stage).model_dump(mode="json")
-    if stage == "download":  # where files come from does not change what they are (sha256 pinned)
-        section = {"sources": sources, "accept_changed": section["accept_changed"]}  # + pinned entries (inputs)
-    if stage == "pretrain":
-        section.pop("threads", None)  # the thread count changes the weights at most in the last bits
-    if stage == "shard":
-        section.pop("workers", None)  # how many tokenize does not change the shards at all
-    return section
+@dataclass
+class StageRun:
+    """Everything a stage task needs: one typed record instead of a dict of loose keys."""
 
+    stage: str
+    key: str
+    section: dict
+    input_hashes: dict[str, str]
+    config: dict  # the resolved PipelineConfig as JSON
+    workdir: str
+    parent_run_id: str
+    git_commit: str
+    nonce: str  # this invocation (flows.scaleout registers its data runner under it)
+    sources: list[str]
+    upstream: dict[str, StageInfo]
+    progress: bool = True
+    forced: bool = False
+    share: Optional[dict] = None  # running beside another stage in a process of its own
+    concurrent_with: str = ""
+    flow_run_id: str = ""
 
-def _key_fn(context: Any, params: dict[str, Any]) -> str:
-    """Prefect cache_key_fn: the stage's content key (no per-run values)."""
-    return f"{params['stage']}-{stage_key(params['stage'], params['section'], params['input_hashes'])}"
-
-
-def artifact_dir(workdir: Path, stage: str, key: str) -> Path:
-    root = workdir / STAGE_DEFS[stage].out_root
-    return root if stage == "download" else root / key[:16]
-
-
-def marker_path(workdir: Path, stage: str, key: str) -> Path:
-    d = artifact_dir(workdir, stage, key)
-    return d / f".llmpipe-download-{key[:16]}.json" if stage == "download" else d / MARKER
-
-
-def is_complete(workdir: Path, stage: str, key: str) -> bool:
-    m = marker_path(workdir, stage, key)
-    try:
-        rec = json.loads(m.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if rec.get("key") != key:
-        return False
-    base = artifact_dir(workdir, stage, key)
-    for rel, size in rec.get("output_sizes", {}).items():
-        p = base / rel
-        if not p.exists() or (p.is_file() and p.stat().st_size != size):
-            return False
-    return True
-
-
-def _relocate(paths: dict[str, Any], src: Path, dst: Path) -> dict[str, str]:
-    out = {}
-    for name, p in paths.items():
-        p = Path(p)
-        try:
-            out[name] = str(dst / p.relative_to(src))
-        except ValueError:
-            out[name] = str(p)
-    return out
+    @property
+    def cfg(self) -> PipelineConfig:
+        return PipelineConfig.model_validate(self.config)
 
 
 # --- the task ------------------------------------------------------------------------------------------
@@ -138,8 +116,6 @@ def _emit(event: str, resource_id: str, payload: dict, workdir: Optional[Path] =
 @contextlib.contextmanager
 def _stage_lock(path: Path):
     """An exclusive lock (flock) so two processes never build the same stage folder at once."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -149,50 +125,59 @@ def _stage_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _record_info(workdir: Path, stage: str, key: str, nonce: str) -> dict:
-    rec = json.loads(marker_path(workdir, stage, key).read_text())
-    base = artifact_dir(workdir, stage, key)
-    return {"stage": stage, "key": key, "artifact_dir": str(base),
-            "outputs": {k: str(base / v) for k, v in rec["outputs"].items()}, "output_hashes": rec["output_hashes"],
-            "metrics": rec["metrics"], "run_id": rec["run_id"], "nonce": nonce, "flow_run_id": ""}
+def verify_inputs(job: StageRun) -> None:
+    """Re-hash, in full, every upstream output this stage reads; raise StaleInput on a change."""
+    wd = Path(job.workdir)
+    cfg = job.cfg
+    for up, name in STAGE_DEFS[job.stage].reads(cfg):
+        info = job.upstream[up]
+        if up == "download":
+            reason = check_stage(wd, "download", "", full=True, sources=[name], cfg=cfg)[1]
+        else:
+            reason = check_stage(wd, up, info.key, full=True)[1]
+        if reason:
+            raise StaleInput(up, reason)
 
 
-def _run_stage_body(stage: str, section: dict, input_hashes: dict, run: dict) -> dict:
-    """The body of every stage task: under the stage folder's lock, reuse what another process
-    finished meanwhile (unless forced), else run the stage."""
-    workdir = Path(run["workdir"])
-    key = stage_key(stage, section, input_hashes)
-    root = workdir / STAGE_DEFS[stage].out_root
-    with _stage_lock(root / f".{stage}-{key[:16]}.lock"):
-        if not run.get("forced") and is_complete(workdir, stage, key):
-            return _record_info(workdir, stage, key, nonce="completed-by-another-run")
-        return _execute_stage(stage, section, input_hashes, run, key)
+def run_stage(job: StageRun) -> StageInfo:
+    """The body of every stage task: under the stage folder's lock, re-use what another process
+    finished meanwhile (unless forced), else verify the inputs and run the stage."""
+    wd = Path(job.workdir)
+    root = wd / STAGE_DEFS[job.stage].out_root
+    with _stage_lock(root / f".{job.stage}-{job.key[:16]}.lock"):
+        if not job.forced:
+            info, _ = check_stage(wd, job.stage, job.key, sources=job.sources, cfg=job.cfg)
+            if info is not None:
+                info.cached = True
+                return info
+        verify_inputs(job)
+        return _execute_stage(job)
 
 
-def _execute_stage(stage: str, section: dict, input_hashes: dict, run: dict, key: str) -> dict:
+def _execute_stage(job: StageRun) -> StageInfo:
     """MLflow child run around the stage's llm/ call; the folder appears only when complete."""
-    from prefect.runtime import flow_run
-
-    cfg = PipelineConfig.model_validate(run["config"])
-    workdir = Path(run["workdir"])
+    stage, key, cfg, workdir = job.stage, job.key, job.cfg, Path(job.workdir)
     final = artifact_dir(workdir, stage, key)
     work = final if stage == "download" else final.with_name(final.name + ".partial")
     tracker = get_tracker(workdir)
-    flow_run_id = str(flow_run.id or "")
-    tags = {"stage": stage, "cache_key": key, "cached": "false", "prefect.flow_run_id": flow_run_id,
-            "git_commit": run["git_commit"], "artifact_dir": str(final), "pipeline_run_id": run["parent_run_id"]}
+    tags = {"stage": stage, "cache_key": key, "cached": "false", "prefect.flow_run_id": job.flow_run_id,
+            "git_commit": job.git_commit, "artifact_dir": str(final), "pipeline_run_id": job.parent_run_id,
+            **process_tags()}
     if stage in DATA_STAGES:
         tags["task_runner"] = cfg.orchestration.task_runner
-    if run.get("share"):
-        tags["concurrent_with"] = run["concurrent_with"]
-        tags["process_share"] = ", ".join(f"{k}={v}" for k, v in run["share"].items() if v is not None)
-    run_id = tracker.start_run(stage, tags, parent_run_id=run["parent_run_id"])
-    data_runner, own_runner = scaleout.lookup(run["nonce"], cfg.orchestration)
+    if job.share:
+        tags["concurrent_with"] = job.concurrent_with
+        tags["process_share"] = ", ".join(f"{k}={v}" for k, v in job.share.items() if v is not None)
+    run_id = tracker.start_run(stage, tags, parent_run_id=job.parent_run_id)
+    data_runner, own_runner = scaleout.lookup(job.nonce, cfg.orchestration)
+    resumable = STAGE_DEFS[stage].resumable
     try:
-        tracker.log_params(run_id, section)
-        tracker.log_text(run_id, json.dumps({"stage": stage, "config": section, "inputs": input_hashes}, indent=2),
-                         "resolved_config.json")
-        if stage != "download" and not STAGE_DEFS[stage].resumable:
+        tracker.log_params(run_id, job.section)
+        tracker.log_text(run_id, json.dumps({"stage": stage, "config": job.section, "inputs": job.input_hashes},
+                                            indent=2), "resolved_config.json")
+        if stage == "download":
+            drop_source_records(work, job.sources)  # rewritten below once each file is verified again
+        elif not resumable:
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         metric_log = tracker.metric_logger(run_id)
@@ -202,46 +187,39 @@ def _execute_stage(stage: str, section: dict, input_hashes: dict, run: dict, key
             _emit("llmpipe.checkpoint.saved", f"llmpipe.stage.{stage}",
                   {"path": str(path), "step": step, "cache_key": key, "run_id": run_id}, workdir)
 
-        ctx = StageContext(workdir=workdir, progress=run["progress"], log=metric_log, on_checkpoint=on_checkpoint,
-                           sources=run["sources"], data_runner=data_runner)
+        ctx = StageContext(workdir=workdir, progress=job.progress, log=metric_log, on_checkpoint=on_checkpoint,
+                           sources=job.sources, data_runner=data_runner)
+        upstream = {s: info.to_json() for s, info in job.upstream.items()}
         t0 = time.time()
-        if run.get("share"):  # running beside another stage: in a process of its own (flows/isolate.py)
-            from flows.isolate import Share, run_body
-
-            result = run_body(stage, cfg, run["upstream"], work, ctx, Share(**run["share"]))
+        if job.share:  # running beside another stage: in a process of its own (flows/isolate.py)
+            result = run_body(stage, cfg, upstream, work, ctx, Share(**job.share))
         else:
-            result = STAGE_DEFS[stage].body(cfg, run["upstream"], work, ctx)
+            result = STAGE_DEFS[stage].body(cfg, upstream, work, ctx)
         metric_log.flush()
         seconds = time.time() - t0
-        outputs = {k: str(v) for k, v in result.outputs.items()}
-        output_hashes = {k: hash_path(v) for k, v in outputs.items()}
-        sizes = {}
-        for v in outputs.values():
-            p = Path(v)
-            for f in ([p] if p.is_file() else [x for x in p.rglob("*") if x.is_file()]):
-                sizes[str(f.relative_to(work))] = f.stat().st_size
         metrics = {k: float(v) for k, v in result.metrics.items()}
         metrics["stage_seconds"] = seconds
-        record = {"stage": stage, "key": key, "run_id": run_id, "outputs": {k: str(Path(v).relative_to(work))
-                  for k, v in outputs.items()}, "output_hashes": output_hashes, "output_sizes": sizes,
-                  "metrics": metrics, "input_hashes": input_hashes}
-        from llm.fsutil import atomic_write_text
-
+        rel_outputs, files, output_hashes = describe_outputs(work, result.outputs)
+        params = {k: str(v) for k, v in result.params.items()}
         if stage == "download":
-            atomic_write_text(marker_path(workdir, stage, key), json.dumps(record, indent=2))
+            write_source_records(work, result.outputs, cfg, workdir, run_id)
         else:
-            atomic_write_text(work / MARKER, json.dumps(record, indent=2))
+            write_record(workdir, stage, key, {"run_id": run_id, "outputs": rel_outputs, "files": files,
+                                               "output_hashes": output_hashes, "metrics": metrics,
+                                               "input_hashes": job.input_hashes, "seconds": seconds},
+                         base=work)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(work, final)
-        outputs = _relocate(outputs, work, final)
-        artifacts = [Path(p) for p in _relocate({str(i): a for i, a in enumerate(result.artifacts)}, work,
-                                                final).values()]
+            remove_stale_partials(workdir, stage, key)
+        outputs = {k: str(final / v) for k, v in rel_outputs.items()}
+        artifacts = [final / Path(a).relative_to(work) if Path(a).is_relative_to(work) else Path(a)
+                     for a in result.artifacts]
         tracker.log_metrics(run_id, metrics)
-        if result.params:
-            tracker.log_params(run_id, {f"result.{k}": v for k, v in result.params.items()})
+        if params:
+            tracker.log_params(run_id, {f"result.{k}": v for k, v in params.items()})
         tracker.log_artifacts(run_id, artifacts)
-        if run.get("log_models", True) and stage in ("pretrain", "spam", "instruct"):
+        if stage in ("pretrain", "spam", "instruct"):
             for name in ("checkpoint", "classifier", "model"):
                 if name in outputs:
                     tracker.log_artifacts(run_id, [Path(outputs[name])], artifact_path="checkpoint")
@@ -252,57 +230,28 @@ def _execute_stage(stage: str, section: dict, input_hashes: dict, run: dict, key
         tracker.end_run(run_id)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
+        if stage != "download" and not resumable:
+            shutil.rmtree(work, ignore_errors=True)  # nothing to resume from: leave no empty .partial
         raise
     finally:
         if own_runner:
             data_runner.close()
-    return {"stage": stage, "key": key, "artifact_dir": str(final), "outputs": outputs,
-            "output_hashes": output_hashes, "metrics": metrics, "run_id": run_id, "nonce": run["nonce"],
-            "flow_run_id": flow_run_id}
+    return StageInfo(stage=stage, key=key, artifact_dir=str(final), outputs=outputs, output_hashes=output_hashes,
+                     metrics=metrics, run_id=run_id, seconds=seconds, params=params)
 
 
-def _retry_transient(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except Exception as e:
-        from llm.sources import TransientDownloadError
-
-        return isinstance(e, TransientDownloadError)
-    return False
-
-
-def _make_task(stage: str):
-    opts: dict[str, Any] = {}
-    if stage == "download":
-        opts = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_transient)
-    return task(name=stage, cache_key_fn=_key_fn, persist_result=True, result_serializer="json",
-                log_prints=True, **opts)(_run_stage_body)
-
-
-STAGE_TASKS = {s: _make_task(s) for s in STAGES}
+STAGE_TASKS = {s: task(name=s, cache_policy=NO_CACHE, persist_result=False, log_prints=True)(run_stage)
+               for s in STAGE_DEFS}
 
 
 # --- the flow ---------------------------------------------------------------------------------------------
 
-def resolve(preset: str, config_file: Optional[str], overrides: list[str], mirror: Optional[str],
-            corpus: list[str]) -> PipelineConfig:
-    extra = list(overrides)
-    if mirror:
-        extra.append(f"download.mirror={json.dumps(str(mirror))}")
-    if corpus:
-        extra.append(f"clean.corpus={json.dumps([str(c) for c in corpus])}")
-        extra.append("clean.sources=[]")
-    return load_config(preset, config_file, extra)
-
-
-@flow(name="llmpipe", log_prints=True)
+@flow(name="llmpipe", log_prints=True, persist_result=False)
 def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_file: Optional[str] = None,
              overrides: Optional[list[str]] = None, mirror: Optional[str] = None,
              corpus: Optional[list[str]] = None, force: Optional[list[str]] = None, workdir: str = ".",
              progress: bool = True) -> dict:
     """Run the llmpipe stages (default: all) with caching and MLflow tracking; returns the summary."""
-    from prefect.runtime import flow_run
-
     requested = list(stages or ["all"])
     cfg = resolve(preset, config_file, list(overrides or []), mirror, list(corpus or []))
     wd = Path(workdir).resolve()
@@ -312,83 +261,94 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
     if "all" in forced:
         forced = set(order)
     tracker = get_tracker(wd)
+    mark_dead_runs(tracker)
     commit = git_commit(Path(__file__).resolve().parent.parent)
+    flow_run_id = str(flow_run.id or "")
     parent = tracker.start_run(f"pipeline-{cfg.preset}", {
-        "stage": "pipeline", "prefect.flow_run_id": str(flow_run.id or ""), "git_commit": commit,
-        "preset": cfg.preset, "stages": ",".join(order)})
+        "stage": "pipeline", "prefect.flow_run_id": flow_run_id, "git_commit": commit,
+        "preset": cfg.preset, "stages": ",".join(order), **process_tags()})
     tracker.log_params(parent, {"preset": cfg.preset, "config_hash": cfg.config_hash(), "git_commit": commit,
                                 "stages": ",".join(order), "requested": ",".join(requested),
                                 "task_runner": cfg.orchestration.task_runner})
     tracker.log_text(parent, json.dumps(cfg.model_dump(mode="json"), indent=2), "resolved_config.json")
     nonce = uuid.uuid4().hex
-    storage = wd / "data" / "cache" / "prefect"
-    upstream: dict[str, dict] = {}
+    upstream: dict[str, StageInfo] = {}
     summary: dict[str, dict] = {}
     data_runner = scaleout.DataRunner(cfg.orchestration)
     scaleout.register(nonce, data_runner)
+    config_json = cfg.model_dump(mode="json")
 
-    def prepare(stage: str) -> dict:
+    def prepare(stage: str, force_it: bool = False) -> StageRun:
         section = section_for_key(stage, cfg, sources)
         hashes = input_hashes(stage, cfg, upstream, sources, wd)
-        key = stage_key(stage, section, hashes)
-        refresh = stage in forced or not is_complete(wd, stage, key)
-        run = {"config": cfg.model_dump(mode="json"), "workdir": str(wd), "parent_run_id": parent,
-               "nonce": nonce, "progress": progress, "git_commit": commit, "sources": sources,
-               "upstream": {s: upstream[s] for s in STAGE_DEFS[stage].deps(cfg)}, "log_models": True,
-               "forced": stage in forced}
-        return {"stage": stage, "section": section, "hashes": hashes, "key": key, "refresh": refresh, "run": run,
-                "task": STAGE_TASKS[stage].with_options(result_storage=storage, refresh_cache=refresh)}
+        return StageRun(stage=stage, key=stage_key(stage, section, hashes), section=section, input_hashes=hashes,
+                        config=config_json, workdir=str(wd), parent_run_id=parent, git_commit=commit, nonce=nonce,
+                        sources=sources, upstream={s: upstream[s] for s in STAGE_DEFS[stage].deps(cfg)},
+                        progress=progress, forced=force_it or stage in forced, flow_run_id=flow_run_id)
 
-    def finish(job: dict, info: dict) -> None:
+    def will_run(job: StageRun) -> bool:
+        return job.forced or check_stage(wd, job.stage, job.key, sources=sources, cfg=cfg)[0] is None
+
+    def submit(job: StageRun, cached: bool):
+        opts = dict(task_run_name=job.stage, tags=[f"cache_key:{job.key[:16]}", "cached" if cached else "ran"])
+        return STAGE_TASKS[job.stage].with_options(**opts).submit(job)
+
+    def finish(job: StageRun, info: StageInfo) -> None:
         """After a stage task returned: a child run for a cached stage, the summary, headline metrics."""
-        stage, key, section = job["stage"], job["key"], job["section"]
-        cached = info["nonce"] != nonce
-        if cached:
-            info = dict(info)
-            info["cached_from_run_id"] = info["run_id"]
-            info["run_id"] = tracker.start_run(stage, {
-                "stage": stage, "cache_key": key, "cached": "true", "cached_from_run_id": info["run_id"],
-                "prefect.flow_run_id": str(flow_run.id or ""), "git_commit": commit,
-                "artifact_dir": info["artifact_dir"], "pipeline_run_id": parent}, parent_run_id=parent)
-            tracker.log_params(info["run_id"], section)
-            tracker.log_metrics(info["run_id"], info["metrics"])
-            tracker.end_run(info["run_id"])
-        upstream[stage] = info
-        summary[stage] = {"run_id": info["run_id"], "cached": cached, "artifact_dir": info["artifact_dir"],
-                          "metrics": info["metrics"], "cache_key": key}
-        headline = {HEADLINE[stage][m]: v for m, v in info["metrics"].items() if m in HEADLINE.get(stage, {})}
+        if info.cached:
+            info.cached_from_run_id = info.run_id
+            info.run_id = tracker.start_run(job.stage, {
+                "stage": job.stage, "cache_key": job.key, "cached": "true", "cached_from_run_id": info.run_id,
+                "prefect.flow_run_id": flow_run_id, "git_commit": commit, "artifact_dir": info.artifact_dir,
+                "pipeline_run_id": parent, **process_tags()}, parent_run_id=parent)
+            tracker.log_batch(info.run_id, params=job.section, metrics=info.metrics)
+            tracker.end_run(info.run_id)
+        info.key = job.key
+        upstream[job.stage] = info
+        summary[job.stage] = {"run_id": info.run_id, "cached": info.cached, "artifact_dir": info.artifact_dir,
+                              "metrics": info.metrics, "cache_key": job.key}
+        headline = {HEADLINE[job.stage][m]: v for m, v in info.metrics.items() if m in HEADLINE.get(job.stage, {})}
         if headline:
             tracker.log_metrics(parent, headline)
 
+    def run_jobs(jobs: list[StageRun]) -> None:
+        """Run one stage (or the finetune pair side by side); a stale input rebuilds its stage first."""
+        for attempt in range(len(STAGE_DEFS) + 1):
+            cached = [not will_run(j) for j in jobs]
+            futures = [submit(j, c) for j, c in zip(jobs, cached)]
+            for f in futures:
+                f.wait()
+            try:
+                infos = [f.result() for f in futures]  # raises the first failure, after all ended
+            except StaleInput as e:
+                print(f"{e.stage}: its output changed since it was recorded ({e}); rebuilding {e.stage}")
+                run_jobs([prepare(e.stage, force_it=True)])
+                jobs = [prepare(j.stage) for j in jobs]
+                continue
+            for job, info in zip(jobs, infos):
+                finish(job, info)
+            return
+        raise RuntimeError(f"{jobs[0].stage}: its inputs keep changing while the pipeline runs")
+
     together: list[str] = []
-    prepared: dict[str, dict] = {}  # instruct, looked at beside spam (it does not depend on spam)
     try:
         for stage in order:
             if stage in together:
                 continue  # ran beside the other finetune
-            job = prepared.pop(stage, None) or prepare(stage)
+            job = prepare(stage)
             jobs = [job]
             if stage == "spam" and "instruct" in order:
-                other = prepared["instruct"] = prepare("instruct")
-                shares = finetune_shares(cfg) if job["refresh"] and other["refresh"] else None
+                other = prepare("instruct")
+                shares = finetune_shares(cfg) if will_run(job) and will_run(other) else None
                 if shares:
                     together = ["spam", "instruct"]
                     jobs.append(other)
                     for j, mate in zip(jobs, ("instruct", "spam")):
-                        j["run"]["share"] = asdict(shares[j["stage"]])
-                        j["run"]["concurrent_with"] = mate
+                        j.share = asdict(shares[j.stage])
+                        j.concurrent_with = mate
                     print(f"spam and instruct run concurrently, each in its own process: spam "
                           f"{shares['spam'].describe()}; instruct {shares['instruct'].describe()}")
-            if len(jobs) == 1:
-                infos = [job["task"](stage=stage, section=job["section"], input_hashes=job["hashes"], run=job["run"])]
-            else:
-                futures = [j["task"].submit(stage=j["stage"], section=j["section"], input_hashes=j["hashes"],
-                                            run=j["run"]) for j in jobs]
-                for f in futures:
-                    f.wait()
-                infos = [f.result() for f in futures]  # raises the first failure, after both ended
-            for job, info in zip(jobs, infos):
-                finish(job, info)
+            run_jobs(jobs)
         tracker.log_metrics(parent, {"stages_cached": sum(s["cached"] for s in summary.values()),
                                      "stages_run": sum(not s["cached"] for s in summary.values())})
         tracker.log_params(parent, {"concurrent_finetunes": ",".join(together) or "none"})
@@ -400,4 +360,3 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
         scaleout.unregister(nonce)
         data_runner.close()
     return {"pipeline_run_id": parent, "stages": summary}
-

@@ -8,6 +8,7 @@ flows/pipeline.py turns each into a Prefect task with MLflow tracking and cachin
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,20 @@ class StageContext:
     on_checkpoint: Optional[Callable[[Path, int], None]] = None
     sources: list[str] = field(default_factory=list)
     data_runner: Any = None  # flows.scaleout.DataRunner: where clean/shard run parallel work
+
+
+def resolve(preset: str, config_file: Optional[str], overrides: list[str], mirror: Optional[str],
+            corpus: list[str]) -> PipelineConfig:
+    """The pipeline's config: preset, then --config file, then --set overrides, --mirror, --corpus."""
+    from llm.config import load_config
+
+    extra = list(overrides)
+    if mirror:
+        extra.append(f"download.mirror={json.dumps(str(mirror))}")
+    if corpus:
+        extra.append(f"clean.corpus={json.dumps([str(c) for c in corpus])}")
+        extra.append("clean.sources=[]")
+    return load_config(preset, config_file, extra)
 
 
 # --- bodies: thin calls into llm/ -------------------------------------------------------------
