@@ -15,26 +15,29 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# No telemetry and no first-use banner from Prefect or MLflow (each costs ~0.5 s per command, too);
+# set DO_NOT_TRACK=0 / MLFLOW_DISABLE_TELEMETRY=false to allow it.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 STAGE_CHOICES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "judge", "all")
 
 
+from flows.errors import UsageError  # noqa: E402
 from llm.config import ConfigError  # noqa: E402  (light: pydantic + yaml only)
 
 PLUGIN_MODULES = ("flows.server", "flows.serve")
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit code 2."""
 
 
 class _DropErrors(logging.Filter):
@@ -88,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stages", help="show each stage's cache key, state and artifact folder")
     p.add_argument("stages", nargs="*", default=["all"], metavar="STAGE")
     _add_config_args(p)
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash every recorded output file (default: only those whose size or mtime changed)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("presets", help="list the shipped presets")
@@ -155,32 +160,68 @@ def cmd_run(args) -> int:
         args.overrides = [*args.overrides, f"orchestration.task_runner={args.task_runner or 'dask'}"]
     if args.dask_address:
         args.overrides = [*args.overrides, f"orchestration.dask_address={json.dumps(args.dask_address)}"]
-    if not os.environ.get("PREFECT_API_URL"):  # use `llmpipe server start`'s server when it runs
-        from flows.server import prefect_api_url
-
-        if url := prefect_api_url(args.workdir):
-            os.environ["PREFECT_API_URL"] = url
-    from flows.pipeline import resolve
+    from flows.stages import resolve
 
     cfg = resolve(args.preset, args.config_file, args.overrides, args.mirror, args.corpus)  # fail fast on bad config
     if cfg.clean.corpus:
         from llm.clean import resolve_corpus
 
         resolve_corpus(cfg.clean.corpus)  # a path that matches nothing is an error before anything runs
-    if not args.debug:
-        _quiet_prefect_errors()
-    from flows.tracking import warm_up
+    check_writable_paths(Path(args.workdir))
+    with contextlib.ExitStack() as stack:
+        if not os.environ.get("PREFECT_API_URL"):  # this workdir's server, started on first use
+            from flows.server import ensure_prefect, prefect_mode, temporary_prefect
 
-    warm_up(Path(args.workdir))  # MLflow connects while Prefect starts
-    from flows.pipeline import pipeline
+            if prefect_mode() == "server":
+                os.environ["PREFECT_API_URL"] = ensure_prefect(args.workdir, echo=_err)
+            else:
+                os.environ["PREFECT_API_URL"] = stack.enter_context(temporary_prefect(args.workdir))
+        if not args.debug:
+            _quiet_prefect_errors()
+        from flows.tracking import warm_up
 
-    summary = pipeline(stages=args.stages, preset=args.preset, config_file=args.config_file,
-                       overrides=args.overrides, mirror=args.mirror, corpus=args.corpus, force=args.force,
-                       workdir=args.workdir, progress=not args.no_progress)
+        warm_up(Path(args.workdir))  # MLflow connects while Prefect is imported
+        from flows.pipeline import pipeline
+
+        summary = pipeline(stages=args.stages, preset=args.preset, config_file=args.config_file,
+                           overrides=args.overrides, mirror=args.mirror, corpus=args.corpus, force=args.force,
+                           workdir=args.workdir, progress=not args.no_progress)
     _print_summary(summary)
     if args.json:
         print(json.dumps(summary), flush=True)
     return 0
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _check_writable(path: Path, what: str, fix: str) -> None:
+    """One clear line when `path` cannot be created or written (before anything starts)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".llmpipe-write-check.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UsageError(f"{what} {path}: not writable ({e.strerror or e}); {fix}") from None
+
+
+def check_writable_paths(workdir: Path) -> None:
+    """The workdir (data/), the MLflow store and PREFECT_HOME must be writable before a run starts."""
+    wd = workdir.resolve()
+    _check_writable(wd / "data", "workdir: data folder", "run llmpipe in a writable folder or pass --workdir")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        _check_writable(wd / "mlruns", "MLflow store", "run llmpipe in a writable folder or set MLFLOW_TRACKING_URI")
+    elif uri.startswith("sqlite:///"):
+        _check_writable(Path(uri[len("sqlite:///"):]).parent, "MLFLOW_TRACKING_URI: folder",
+                        "point MLFLOW_TRACKING_URI at a writable place")
+    elif uri.startswith("file:") or "://" not in uri:
+        _check_writable(Path(uri.removeprefix("file://").removeprefix("file:")), "MLFLOW_TRACKING_URI:",
+                        "point MLFLOW_TRACKING_URI at a writable place")
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    _check_writable(home, "PREFECT_HOME:", "point PREFECT_HOME at a writable folder")
 
 
 def _print_summary(summary: dict) -> None:
@@ -196,12 +237,14 @@ def cmd_stages(args) -> int:
     from flows.status import stage_table
 
     rows = stage_table(args.stages, args.preset, args.config_file, args.overrides, args.mirror, args.corpus,
-                       Path(args.workdir))
+                       Path(args.workdir), verify=args.verify)
     if args.json:
         print(json.dumps(rows))
     else:
         for r in rows:
             print(f"{r['stage']:9s} {r['state']:8s} {r['key'][:16] if r['key'] else '-':16s} {r['artifact_dir']}")
+            if r["state"] == "stale" and r.get("reason"):
+                print(f"          why: {r['reason']}")
     return 0
 
 

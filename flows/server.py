@@ -16,11 +16,17 @@ clean it up.
 - MLflow: `mlflow server` on the project's default store (flows/tracking.py):
   backend sqlite:///<workdir>/mlruns/mlflow.db, artifacts <workdir>/mlruns/artifacts.
 
-While the Prefect server runs, `llmpipe run` sends its flow runs there (see `prefect_api_url`)
-instead of starting a temporary server of its own each time; `llmpipe serve` needs it.
+While the Prefect server runs, `llmpipe run` sends its flow runs there (see `prefect_api_url`).
+When none runs and PREFECT_API_URL is unset, `llmpipe run` starts this workdir's server itself
+(`ensure_prefect`, port 4200 or the next free one), says so in one line, and leaves it running for
+the next runs, which then skip Prefect's ~8 s temporary-server start. `LLMPIPE_PREFECT=ephemeral`
+turns this off: each run then gets a temporary server (`temporary_prefect`) that dies with the run,
+even when the run is killed with -9 (PR_SET_PDEATHSIG). `llmpipe serve` needs a server too.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -32,7 +38,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
+
+from flows.errors import UsageError
 
 STATE_DIR = ".llmpipe"
 SERVICES = ("prefect", "mlflow")
@@ -174,6 +182,65 @@ def prefect_api_url(workdir: str | Path = ".") -> Optional[str]:
 
 
 # --- start / stop -------------------------------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when the process that started it dies (Linux prctl)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def prefect_mode() -> str:
+    """LLMPIPE_PREFECT: "server" (default: start and keep this workdir's server) or "ephemeral"."""
+    mode = os.environ.get("LLMPIPE_PREFECT", "server").strip().lower() or "server"
+    if mode not in ("server", "ephemeral"):
+        raise ValueError(f"LLMPIPE_PREFECT: expected server or ephemeral, got {mode!r}")
+    return mode
+
+
+def ensure_prefect(workdir: str | Path, echo: Callable[[str], None] = print) -> str:
+    """The API URL of this workdir's Prefect server, starting it first when it does not run."""
+    url = prefect_api_url(workdir)
+    if url:
+        return url
+    port = DEFAULT_PORTS["prefect"] if port_free(DEFAULT_PORTS["prefect"]) else free_port()
+    info = start_service("prefect", workdir, port, echo=lambda _msg: None)
+    echo(f"llmpipe: started a Prefect server for {Path(workdir).resolve()} at {info['url']} (pid {info['pid']}); "
+         "it keeps running for the next runs: `llmpipe server status|stop` manages it, "
+         "LLMPIPE_PREFECT=ephemeral turns this off")
+    return info["api_url"]
+
+
+@contextlib.contextmanager
+def temporary_prefect(workdir: str | Path, timeout: float = 180.0) -> Iterator[str]:
+    """A Prefect server for one run: it stops when the block ends and dies with this process."""
+    port = free_port()
+    spec = service_spec("prefect", workdir, port)
+    home = os.environ.get("PREFECT_HOME") or str(Path.home() / ".prefect")
+    env = {**os.environ, **spec.env, "PREFECT_HOME": home}
+    proc = subprocess.Popen(spec.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=env, preexec_fn=_die_with_parent)
+    try:
+        deadline = time.monotonic() + timeout
+        while not healthy(spec.health_url, timeout=1.0):
+            if proc.poll() is not None:
+                err = (proc.stderr.read() or b"").decode(errors="replace").strip().splitlines()
+                raise RuntimeError(f"prefect: the temporary server exited with code {proc.returncode}: "
+                                   f"{err[-1] if err else '(no output)'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prefect: the temporary server was not healthy at {spec.health_url} "
+                                   f"after {timeout:.0f} s")
+            time.sleep(0.2)
+        yield spec.api_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
 
 def start_service(name: str, workdir: str | Path, port: int, timeout: float = 180.0,
                   echo: Callable[[str], None] = print) -> dict:
@@ -318,8 +385,6 @@ def _selected(args) -> list[str]:
 
 
 def cmd_server(args) -> int:
-    from flows.cli import UsageError
-
     for s in args.services or []:
         if s not in SERVICES:
             raise UsageError(f"service: unknown service {s!r}; expected one of {', '.join(SERVICES)}")
@@ -366,8 +431,3 @@ def register(subparsers) -> None:
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_server)
 
-
-if __name__ == "__main__":
-    from flows.cli import main
-
-    sys.exit(main(["server", *sys.argv[1:]]))

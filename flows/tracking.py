@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -47,6 +48,44 @@ def git_commit(path: Path) -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return "unknown"
+
+
+def _proc_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with the pid
+    it names one process, even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    """Tags that let a later llmpipe tell whether the process that owns a RUNNING run still lives."""
+    return {"llmpipe.pid": str(os.getpid()), "llmpipe.host": socket.gethostname(),
+            "llmpipe.pid_start": _proc_start(os.getpid())}
+
+
+def mark_dead_runs(tracker: "Tracker") -> list[str]:
+    """Mark KILLED every RUNNING run of this host whose process is gone (a kill -9, a crash, a reboot).
+
+    Runs from other hosts are left alone: their process cannot be checked from here."""
+    host = socket.gethostname().replace("'", "")
+    try:
+        runs = tracker.client.search_runs([tracker.experiment_id], filter_string=(
+            f"attributes.status = 'RUNNING' and tags.`llmpipe.host` = '{host}'"), max_results=1000)
+    except Exception as e:  # a tracking server without search support must not stop the pipeline
+        logging.getLogger("llmpipe").debug("could not look for dead runs: %s", e)
+        return []
+    dead = []
+    for r in runs:
+        try:
+            pid = int(r.data.tags.get("llmpipe.pid", ""))
+        except ValueError:
+            continue
+        if _proc_start(pid) != r.data.tags.get("llmpipe.pid_start", "?") or not Path(f"/proc/{pid}").exists():
+            tracker.client.set_terminated(r.info.run_id, status="KILLED")
+            dead.append(r.info.run_id)
+    return dead
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -126,6 +165,20 @@ class Tracker:
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_batch(self, run_id: str, params: Optional[dict[str, Any]] = None,
+                  metrics: Optional[dict[str, float]] = None, step: int = 0) -> None:
+        """Params and metrics in one store call (one transaction on SQLite)."""
+        from mlflow.entities import Metric, Param
+
+        ts = int(time.time() * 1000)
+        ps = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flatten(params or {}).items()]
+        ms = [Metric(k, float(v), ts, int(step)) for k, v in (metrics or {}).items() if _is_number(v)]
+        if len(ps) <= 100 and len(ms) <= 1000:
+            self.client.log_batch(run_id, params=ps, metrics=ms)
+        else:
+            self.log_params(run_id, params or {})
+            self.log_metrics(run_id, metrics or {}, step)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric

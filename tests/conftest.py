@@ -8,3 +8,11 @@
 def pytest_configure(config):
     config.addinivalue_line("markers", "server: starts real local Prefect/MLflow server processes (slower; run by "
                                        "default, deselect with -m 'not server')")
+
+
+def pytest_sessionstart(session):
+    # `llmpipe run` keeps a Prefect server running per workdir by default; the tests' subprocesses
+    # use a temporary one per run instead, so nothing outlives the test that started it.
+    import os
+
+    os.environ.setdefault("LLMPIPE_PREFECT", "ephemeral")
