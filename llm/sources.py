@@ -7,8 +7,9 @@ pipeline reads (for a zip: of the extracted member). `fetch` gets one source int
 - `mirror` replaces the URL's base: a local folder (or file:// URL) -> <mirror>/<file>, falling back
   to <mirror>/<basename(url)>; a base URL -> <base>/<file>, then <base>/<basename(url)>. So a mirror
   may hold the bare file or the original archive;
-- transient failures (connection errors, HTTP 5xx, a body shorter than its Content-Length) are
-  retried with exponential backoff; after the last try a `TransientDownloadError` is raised;
+- transient failures (connection errors, HTTP 5xx, 408 and 429, a body shorter than its
+  Content-Length) are retried here, and only here, with exponential backoff (a Retry-After header is
+  honoured), each retry logged with its number; after the last try a `TransientDownloadError`;
 - bytes go to a temp file that is renamed into place only once verified; a file already present
   with the pinned hash is not fetched again (no network at all);
 - zip archives are checked before extraction: a member whose path would escape the target folder
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import posixpath
 import re
@@ -50,6 +52,7 @@ from llm.fsutil import atomic_write_text, sha256_file, temp_file
 from llm.config import DownloadConfig, yaml_error_message
 from llm.result import MetricLogger, StageResult, log_or_null
 
+log = logging.getLogger("llmpipe")
 KINDS = ("text", "sms_spam", "instructions")
 MANIFEST_NAME = "download_manifest.json"
 CHUNK = 1 << 16
@@ -245,7 +248,10 @@ def _fetch_to(location: str, tmp: Path, timeout: float, desc: str, progress: boo
         if e.code in (404, 410):
             raise _NotFound(location) from None
         if e.code >= 500 or e.code in (408, 429):
-            raise TransientDownloadError(f"{location}: HTTP {e.code} {e.reason}") from None
+            err = TransientDownloadError(f"{location}: HTTP {e.code} {e.reason}")
+            retry_after = (e.headers or {}).get("Retry-After", "")
+            err.retry_after = float(retry_after) if retry_after.strip().isdigit() else None
+            raise err from None
         raise DownloadError(f"{location}: HTTP {e.code} {e.reason}") from None
     except TransientDownloadError:
         raise
@@ -323,7 +329,12 @@ def fetch(source: Source, raw_dir: str | Path, mirror: str | Path | None = None,
                     if attempt >= retries:
                         raise TransientDownloadError(f"source '{source.name}': giving up after "
                                                      f"{attempt + 1} tries: {e}") from None
-                    time.sleep(backoff * (2 ** attempt))
+                    wait = backoff * (2 ** attempt)
+                    if getattr(e, "retry_after", None) is not None:
+                        wait = min(max(wait, e.retry_after), 300.0)  # the server's Retry-After, capped
+                    log.warning("source '%s': try %d of %d failed (%s); trying again in %.0f s",
+                                source.name, attempt + 1, retries + 1, e, wait)
+                    time.sleep(wait)
                     attempt += 1
             final = tmp
             if source.member and zipfile.is_zipfile(tmp):
