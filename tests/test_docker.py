@@ -27,7 +27,9 @@ DOCKER = REPO / "docker"
 
 
 def interpolate(value: str) -> str:
-    """Compose variable interpolation with every variable unset: ${VAR:-default} -> default, $$ -> $."""
+    """Compose variable interpolation with every optional variable unset: ${VAR:-default} -> default,
+    $$ -> $; a required ${VAR:?message} becomes <VAR>."""
+    value = re.sub(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*):\?[^}]*\}", r"<\1>", value)
     value = re.sub(r"(?<!\$)\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}", r"\1", value)
     value = re.sub(r"(?<!\$)\$\{[A-Za-z_][A-Za-z0-9_]*\}", "", value)
     return value.replace("$$", "$")
@@ -93,8 +95,9 @@ def test_clients_point_at_the_services(compose):
         ml = urlsplit(env["MLFLOW_TRACKING_URI"])
         assert (ml.hostname, ml.port) == ("mlflow", mlflow_port), name
         assert {"/work"} <= {interpolate(v).split(":")[1] for v in services[name]["volumes"]}
-    assert f"{prefect_port}:{prefect_port}" in services["prefect-server"]["ports"]
-    assert f"{mlflow_port}:{mlflow_port}" in services["mlflow"]["ports"]
+    # published on this machine only unless LLMPIPE_PUBLISH_ADDRESS says otherwise
+    assert [interpolate(p) for p in services["prefect-server"]["ports"]] == [f"127.0.0.1:{prefect_port}:{prefect_port}"]
+    assert [interpolate(p) for p in services["mlflow"]["ports"]] == [f"127.0.0.1:{mlflow_port}:{mlflow_port}"]
     assert f"mlflow:{mlflow_port}" in _flag(mlflow_cmd, "--allowed-hosts").split(",")
     health = " ".join(services["prefect-server"]["healthcheck"]["test"])
     assert f"localhost:{prefect_port}/api/health" in health
@@ -104,6 +107,8 @@ def test_clients_point_at_the_services(compose):
 def test_databases_and_artifact_store(compose):
     services = compose["services"]
     pg = services["postgres"]["environment"]
+    assert interpolate(pg["POSTGRES_PASSWORD"]) == "<POSTGRES_PASSWORD>"  # required, never a built-in password
+    pg = {k: v.replace(pg["POSTGRES_PASSWORD"], "${POSTGRES_PASSWORD}") for k, v in pg.items()}
     store = urlsplit(_flag(_command(services["mlflow"]), "--backend-store-uri"))
     assert (store.scheme, store.username, store.password, store.hostname, store.port, store.path) == (
         "postgresql", pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], "postgres", 5432, "/" + pg["POSTGRES_DB"])
