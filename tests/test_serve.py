@@ -392,3 +392,10 @@ def test_serve_cli_errors(tmp_path, args, env_url, rc, message):
                        timeout=300, env=env)
     assert r.returncode == rc
     assert r.stderr.strip().splitlines()[-1] == message.format(wd=tmp_path)
+
+
+def test_prefect_yaml_is_generated_from_serve():
+    """One source of truth: the committed prefect.yaml is exactly what `llmpipe serve --write-prefect-yaml` writes."""
+    from flows.serve import prefect_yaml_text
+
+    assert (REPO / "prefect.yaml").read_text() == prefect_yaml_text()
