@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import llm
+from flows import timing
 from llm.config import PipelineConfig
 from llm.fsutil import atomic_write_text, sha256_file
 from flows.stages import STAGE_DEFS, extra_input_hashes, source_entries_hash, sources_file
@@ -188,6 +189,7 @@ def code_version(stage: str, root: Path = LLM_ROOT) -> str:
     return h.hexdigest()
 
 
+@timing.timed("keys")
 def stage_key(stage: str, section: dict, input_hashes: dict[str, str], root: Path = LLM_ROOT) -> str:
     """The cache key of one stage from its config section and the content hashes of what it reads."""
     payload = {"stage": stage, "config": section, "inputs": input_hashes, "code": code_version(stage, root)}
@@ -317,6 +319,7 @@ def write_record(workdir: Path, stage: str, key: str, rec: dict, base: Optional[
     atomic_write_text((base or artifact_dir(workdir, stage, key)) / RECORD, json.dumps(rec, indent=2))
 
 
+@timing.timed("verify")
 def check_stage(workdir: Path, stage: str, key: str, full: bool = False,
                 sources: Optional[list[str]] = None, cfg: Optional[PipelineConfig] = None
                 ) -> tuple[Optional[StageInfo], str]:

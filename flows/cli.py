@@ -34,6 +34,7 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 STAGE_CHOICES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "judge", "all")
 
 
+from flows import timing  # noqa: E402
 from flows.errors import UsageError  # noqa: E402
 from llm.config import ConfigError  # noqa: E402  (light: pydantic + yaml only)
 
@@ -162,7 +163,8 @@ def cmd_run(args) -> int:
         args.overrides = [*args.overrides, f"orchestration.dask_address={json.dumps(args.dask_address)}"]
     from flows.stages import resolve
 
-    cfg = resolve(args.preset, args.config_file, args.overrides, args.mirror, args.corpus)  # fail fast on bad config
+    with timing.phase("config"):
+        cfg = resolve(args.preset, args.config_file, args.overrides, args.mirror, args.corpus)  # fail fast
     if cfg.clean.corpus:
         from llm.clean import resolve_corpus
 
@@ -172,23 +174,27 @@ def cmd_run(args) -> int:
         if not os.environ.get("PREFECT_API_URL"):  # this workdir's server, started on first use
             from flows.server import ensure_prefect, prefect_mode, temporary_prefect
 
-            if prefect_mode() == "server":
-                os.environ["PREFECT_API_URL"] = ensure_prefect(args.workdir, echo=_err)
-            else:
-                os.environ["PREFECT_API_URL"] = stack.enter_context(temporary_prefect(args.workdir))
+            with timing.phase("prefect_server"):
+                if prefect_mode() == "server":
+                    os.environ["PREFECT_API_URL"] = ensure_prefect(args.workdir, echo=_err)
+                else:
+                    os.environ["PREFECT_API_URL"] = stack.enter_context(temporary_prefect(args.workdir))
         if not args.debug:
             _quiet_prefect_errors()
         from flows.tracking import warm_up
 
         warm_up(Path(args.workdir))  # MLflow connects while Prefect is imported
-        from flows.pipeline import pipeline
+        with timing.phase("import_prefect_and_flow"):
+            from flows.pipeline import pipeline
 
-        summary = pipeline(stages=args.stages, preset=args.preset, config_file=args.config_file,
+        with timing.phase("flow_run"):
+            summary = pipeline(stages=args.stages, preset=args.preset, config_file=args.config_file,
                            overrides=args.overrides, mirror=args.mirror, corpus=args.corpus, force=args.force,
                            workdir=args.workdir, progress=not args.no_progress)
     _print_summary(summary)
     if args.json:
         print(json.dumps(summary), flush=True)
+    timing.report()
     return 0
 
 

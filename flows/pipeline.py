@@ -289,9 +289,13 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
     def will_run(job: StageRun) -> bool:
         return job.forced or check_stage(wd, job.stage, job.key, sources=sources, cfg=cfg)[0] is None
 
+    futures: dict[str, Any] = {}  # the latest task run of each stage: the dependency edges Prefect draws
+
     def submit(job: StageRun, cached: bool):
         opts = dict(task_run_name=job.stage, tags=[f"cache_key:{job.key[:16]}", "cached" if cached else "ran"])
-        return STAGE_TASKS[job.stage].with_options(**opts).submit(job)
+        deps = [futures[d] for d in STAGE_DEFS[job.stage].deps(cfg) if d in futures]
+        futures[job.stage] = STAGE_TASKS[job.stage].with_options(**opts).submit(job, wait_for=deps)
+        return futures[job.stage]
 
     def finish(job: StageRun, info: StageInfo) -> None:
         """After a stage task returned: a child run for a cached stage, the summary, headline metrics."""

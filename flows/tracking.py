@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from flows import timing
+
 EXPERIMENT = "llmpipe"
 MAX_PARAM_LEN = 6000
 
@@ -109,7 +111,8 @@ def get_tracker(workdir: Path, experiment: str = EXPERIMENT) -> "Tracker":
     key = (str(Path(workdir).resolve()), tracking_uri(Path(workdir)), experiment)
     with _TRACKERS_LOCK:
         if key not in _TRACKERS:
-            _TRACKERS[key] = Tracker(Path(workdir), experiment)
+            with timing.phase("mlflow_import_and_connect"):
+                _TRACKERS[key] = Tracker(Path(workdir), experiment)
         return _TRACKERS[key]
 
 
@@ -152,6 +155,7 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
 
+    @timing.timed("mlflow_calls")
     def start_run(self, name: str, tags: dict[str, str], parent_run_id: Optional[str] = None) -> str:
         tags = {k: str(v) for k, v in tags.items()}
         if parent_run_id:
@@ -159,6 +163,7 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return run.info.run_id
 
+    @timing.timed("mlflow_calls")
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -166,6 +171,7 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
 
+    @timing.timed("mlflow_calls")
     def log_batch(self, run_id: str, params: Optional[dict[str, Any]] = None,
                   metrics: Optional[dict[str, float]] = None, step: int = 0) -> None:
         """Params and metrics in one store call (one transaction on SQLite)."""
@@ -180,6 +186,7 @@ class Tracker:
             self.log_params(run_id, params or {})
             self.log_metrics(run_id, metrics or {}, step)
 
+    @timing.timed("mlflow_calls")
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
@@ -188,11 +195,13 @@ class Tracker:
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i:i + 1000])
 
+    @timing.timed("mlflow_calls")
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @timing.timed("mlflow_calls")
     def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: Optional[str] = None) -> None:
         for p in paths:
             p = Path(p)
@@ -201,9 +210,11 @@ class Tracker:
             elif p.exists():
                 self.client.log_artifact(run_id, str(p), artifact_path=artifact_path)
 
+    @timing.timed("mlflow_calls")
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
+    @timing.timed("mlflow_calls")
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
