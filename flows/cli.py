@@ -2,7 +2,7 @@
 
     llmpipe run [STAGE ...] [--preset NAME] [--config FILE.yaml] [--set key.path=value ...]
                 [--mirror DIR_OR_URL] [--corpus PATH ...] [--force STAGE ...] [--json] [--debug]
-    llmpipe stages [--preset NAME] [...]          cache state of every stage
+    llmpipe stages [--preset NAME] [--verify] [...]  cache state of every stage (and why stale)
     llmpipe generate --prompt TEXT [--run-id ID | --checkpoint DIR | --init gpt2|DIR] [...]
     llmpipe classify TEXT ... [--file F] [--run-id ID | --checkpoint DIR]
     llmpipe ask INSTRUCTION [--input TEXT] [--run-id ID | --checkpoint DIR]

@@ -336,3 +336,12 @@ def test_read_only_workdir_is_one_line(tmp_path):
                                "system)"), line
     finally:
         subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_stages_generate_classify_ask_import_no_prefect_or_mlflow():
+    """The cache lives in flows/cache.py, so the light commands never pay for Prefect or MLflow."""
+    code = ("import sys, flows.cli, flows.status, flows.models, flows.cache; flows.cli.build_parser(); "
+            "print(sorted(m for m in ('prefect', 'mlflow', 'torch') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
