@@ -18,9 +18,12 @@ How a stage runs (see flows/stages.py for the stages themselves, flows/cache.py 
    .partial; other stages' .partial folders are removed when they fail, and other keys' when a
    stage finishes). The raw downloads get one record per source, so a command re-uses every source
    that is present and verified and fetches only what is missing.
-4. spam and instruct, when both must run and orchestration.concurrent_finetunes allows it, are
-   submitted together, each running its llm/ call in a process of its own (flows/isolate.py);
-   clean and shard do their parallel work on orchestration.task_runner (flows/scaleout.py).
+4. Each stage task is submitted as soon as the stages it needs are done (Prefect futures with
+   wait_for), so independent stages (evaluate, spam, instruct) run side by side; bodies that run in
+   this process take turns (torch's RNG and thread count are global). spam and instruct, when both
+   must run and orchestration.concurrent_finetunes allows it, each run their llm/ call in a process
+   of their own (flows/isolate.py) and so truly at the same time; clean and shard do their
+   parallel work on orchestration.task_runner (flows/scaleout.py).
 5. Every stage of every invocation gets an MLflow child run under the invocation's parent run,
    tagged stage, cache_key, cached, prefect.flow_run_id, git_commit; a cached stage's child run
    carries `cached_from_run_id` and the producing run's metrics.
@@ -33,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -41,13 +45,14 @@ from typing import Any, Optional
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from flows import scaleout
 from flows.cache import (StageInfo, artifact_dir, check_stage, describe_outputs, drop_source_records, input_hashes,
                          remove_stale_partials, section_for_key, stage_key, verify_files, write_record,
                          write_source_records)
-from flows.isolate import Share, finetune_shares, run_body
+from flows.isolate import CONCURRENT, Share, finetune_shares, run_body
 from flows.stages import STAGE_DEFS, StageContext, needed_sources, plan, resolve  # noqa: F401 (resolve: re-exported)
 from flows.tracking import get_tracker, git_commit, mark_dead_runs, process_tags
 from llm.config import PipelineConfig
@@ -63,6 +68,7 @@ HEADLINE = {
               "judge_empty_score": "judge_empty_score", "judge_wrong_score": "judge_wrong_score"},
 }
 log = logging.getLogger("llmpipe")
+COMPUTE = threading.Lock()
 
 
 class StaleInput(RuntimeError):
@@ -190,11 +196,13 @@ def _execute_stage(job: StageRun) -> StageInfo:
         ctx = StageContext(workdir=workdir, progress=job.progress, log=metric_log, on_checkpoint=on_checkpoint,
                            sources=job.sources, data_runner=data_runner)
         upstream = {s: info.to_json() for s, info in job.upstream.items()}
-        t0 = time.time()
         if job.share:  # running beside another stage: in a process of its own (flows/isolate.py)
+            t0 = time.time()
             result = run_body(stage, cfg, upstream, work, ctx, Share(**job.share))
         else:
-            result = STAGE_DEFS[stage].body(cfg, upstream, work, ctx)
+            with COMPUTE:  # one stage body at a time in this process (torch's RNG and threads are global)
+                t0 = time.time()
+                result = STAGE_DEFS[stage].body(cfg, upstream, work, ctx)
         metric_log.flush()
         seconds = time.time() - t0
         metrics = {k: float(v) for k, v in result.metrics.items()}
@@ -315,44 +323,64 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
         if headline:
             tracker.log_metrics(parent, headline)
 
-    def run_jobs(jobs: list[StageRun]) -> None:
-        """Run one stage (or the finetune pair side by side); a stale input rebuilds its stage first."""
-        for attempt in range(len(STAGE_DEFS) + 1):
-            cached = [not will_run(j) for j in jobs]
-            futures = [submit(j, c) for j, c in zip(jobs, cached)]
-            for f in futures:
-                f.wait()
-            try:
-                infos = [f.result() for f in futures]  # raises the first failure, after all ended
-            except StaleInput as e:
-                print(f"{e.stage}: its output changed since it was recorded ({e}); rebuilding {e.stage}")
-                run_jobs([prepare(e.stage, force_it=True)])
-                jobs = [prepare(j.stage) for j in jobs]
-                continue
-            for job, info in zip(jobs, infos):
-                finish(job, info)
-            return
-        raise RuntimeError(f"{jobs[0].stage}: its inputs keep changing while the pipeline runs")
-
     together: list[str] = []
+    rebuilds: dict[str, int] = {}
+
+    def pair_finetunes(jobs: dict[str, StageRun], to_run: set[str]) -> None:
+        """spam and instruct, when both must run now and the machine allows it, each in a process of its own."""
+        if not set(CONCURRENT) <= to_run:
+            return
+        shares = finetune_shares(cfg)
+        if not shares:
+            return
+        together[:] = list(CONCURRENT)
+        for name, mate in zip(CONCURRENT, reversed(CONCURRENT)):
+            jobs[name].share = asdict(shares[name])
+            jobs[name].concurrent_with = mate
+        print(f"spam and instruct run concurrently, each in its own process: spam "
+              f"{shares['spam'].describe()}; instruct {shares['instruct'].describe()}")
+
+    # The stages form a graph (STAGE_DEFS[s].deps): each is submitted as soon as its upstream stages
+    # are done, so independent ones (evaluate, spam, instruct after pretrain) run side by side. Stage
+    # bodies that run in this process take turns (COMPUTE lock: torch's RNG and thread count are
+    # global); cached stages and finetunes in their own process do not wait for them.
+    pending = list(order)
+    running: dict[Any, StageRun] = {}
+    done: set[str] = set()
+    forced_now: set[str] = set()
     try:
-        for stage in order:
-            if stage in together:
-                continue  # ran beside the other finetune
-            job = prepare(stage)
-            jobs = [job]
-            if stage == "spam" and "instruct" in order:
-                other = prepare("instruct")
-                shares = finetune_shares(cfg) if will_run(job) and will_run(other) else None
-                if shares:
-                    together = ["spam", "instruct"]
-                    jobs.append(other)
-                    for j, mate in zip(jobs, ("instruct", "spam")):
-                        j.share = asdict(shares[j.stage])
-                        j.concurrent_with = mate
-                    print(f"spam and instruct run concurrently, each in its own process: spam "
-                          f"{shares['spam'].describe()}; instruct {shares['instruct'].describe()}")
-            run_jobs(jobs)
+        while pending or running:
+            ready = [s for s in pending if all(d in done for d in STAGE_DEFS[s].deps(cfg))]
+            jobs = {s: prepare(s, force_it=s in forced_now) for s in ready}
+            to_run = {s for s, j in jobs.items() if will_run(j)}
+            pair_finetunes(jobs, to_run)
+            for s, j in jobs.items():
+                pending.remove(s)
+                running[submit(j, cached=s not in to_run)] = j
+            if not running:
+                raise RuntimeError(f"stages {pending} wait for stages that never run")  # a bug in STAGE_DEFS
+            fut = next(as_completed(list(running)))
+            job = running.pop(fut)
+            try:
+                info = fut.result()
+            except StaleInput as e:  # an upstream output changed on disk: rebuild it, then this stage again
+                for f in list(running):  # the others finish first (they may read the same upstream)
+                    f.wait()  # and are handled in the next rounds
+                if e.stage not in forced_now:
+                    rebuilds[e.stage] = rebuilds.get(e.stage, 0) + 1
+                    if rebuilds[e.stage] > 2:
+                        raise RuntimeError(f"{e.stage}: its output keeps changing on disk while the pipeline "
+                                           f"runs ({e})") from None
+                    print(f"{e.stage}: its output changed since it was recorded ({e}); rebuilding {e.stage}")
+                    done.discard(e.stage)
+                    forced_now.add(e.stage)
+                pending = [s for s in order if s in set(pending) | {job.stage, e.stage}]
+                continue
+            forced_now.discard(job.stage)
+            finish(job, info)
+            done.add(job.stage)
+        ordered = {s: summary.pop(s) for s in order if s in summary}
+        summary.update(ordered)
         tracker.log_metrics(parent, {"stages_cached": sum(s["cached"] for s in summary.values()),
                                      "stages_run": sum(not s["cached"] for s in summary.values())})
         tracker.log_params(parent, {"concurrent_finetunes": ",".join(together) or "none"})
