@@ -170,6 +170,9 @@ def cmd_run(args) -> int:
 
         resolve_corpus(cfg.clean.corpus)  # a path that matches nothing is an error before anything runs
     check_writable_paths(Path(args.workdir))
+    from flows.trackproc import start_side_tracker
+
+    start_side_tracker(Path(args.workdir))  # MLflow imports and connects on the other core meanwhile
     with contextlib.ExitStack() as stack:
         if not os.environ.get("PREFECT_API_URL"):  # this workdir's server, started on first use
             from flows.server import ensure_prefect, prefect_mode, temporary_prefect
@@ -181,9 +184,6 @@ def cmd_run(args) -> int:
                     os.environ["PREFECT_API_URL"] = stack.enter_context(temporary_prefect(args.workdir))
         if not args.debug:
             _quiet_prefect_errors()
-        from flows.tracking import warm_up
-
-        warm_up(Path(args.workdir))  # MLflow connects while Prefect is imported
         with timing.phase("import_prefect_and_flow"):
             from flows.pipeline import pipeline
 

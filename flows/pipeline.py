@@ -54,7 +54,7 @@ from flows.cache import (StageInfo, artifact_dir, check_stage, describe_outputs,
                          write_source_records)
 from flows.isolate import CONCURRENT, Share, finetune_shares, run_body
 from flows.stages import STAGE_DEFS, StageContext, needed_sources, plan, resolve  # noqa: F401 (resolve: re-exported)
-from flows.tracking import get_tracker, git_commit, mark_dead_runs, process_tags
+from flows.tracking import get_tracker, git_commit, process_tags
 from llm.config import PipelineConfig
 from llm.fsutil import atomic_write_text
 
@@ -269,7 +269,7 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
     if "all" in forced:
         forced = set(order)
     tracker = get_tracker(wd)
-    mark_dead_runs(tracker)
+    tracker.mark_dead_runs()
     commit = git_commit(Path(__file__).resolve().parent.parent)
     flow_run_id = str(flow_run.id or "")
     parent = tracker.start_run(f"pipeline-{cfg.preset}", {

@@ -218,6 +218,18 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    @timing.timed("mlflow_calls")
+    def log_metric_rows(self, run_id: str, rows: list[tuple[str, float, int, int]]) -> None:
+        """Write (key, value, timestamp ms, step) rows, 1000 per store call."""
+        from mlflow.entities import Metric
+
+        items = [Metric(k, v, ts, step) for k, v, ts, step in rows]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def mark_dead_runs(self) -> list[str]:
+        return mark_dead_runs(self)
+
     def metric_logger(self, run_id: str, flush_every: float = 5.0, max_buffer: int = 500) -> "BatchedMetricLogger":
         return BatchedMetricLogger(self, run_id, flush_every, max_buffer)
 
@@ -231,22 +243,22 @@ def _is_number(v: Any) -> bool:
 
 
 class BatchedMetricLogger:
-    """Buffers `log(metrics, step)` calls and writes them with log_batch (one row per value is ~5 ms on SQLite)."""
+    """Buffers `log(metrics, step)` calls and writes them with log_batch (one row per value is ~5 ms on SQLite).
 
-    def __init__(self, tracker: Tracker, run_id: str, flush_every: float, max_buffer: int):
-        from mlflow.entities import Metric
+    Rows are plain (key, value, timestamp ms, step) tuples until the tracker writes them, so the logger
+    works the same in front of a Tracker in this process or one in a side process (flows/trackproc.py)."""
 
-        self._Metric = Metric
+    def __init__(self, tracker: Any, run_id: str, flush_every: float, max_buffer: int):
         self.tracker, self.run_id = tracker, run_id
         self.flush_every, self.max_buffer = flush_every, max_buffer
-        self.buffer: list = []
+        self.buffer: list[tuple[str, float, int, int]] = []
         self.last_flush = time.monotonic()
         self.lock = threading.Lock()
 
     def __call__(self, metrics: dict, step: int) -> None:
         ts = int(time.time() * 1000)
         with self.lock:
-            self.buffer.extend(self._Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v))
+            self.buffer.extend((k, float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v))
             due = len(self.buffer) >= self.max_buffer or time.monotonic() - self.last_flush >= self.flush_every
         if due:
             self.flush()
@@ -255,5 +267,5 @@ class BatchedMetricLogger:
         with self.lock:
             items, self.buffer = self.buffer, []
             self.last_flush = time.monotonic()
-        for i in range(0, len(items), 1000):
-            self.tracker.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+        if items:
+            self.tracker.log_metric_rows(self.run_id, items)
