@@ -176,6 +176,20 @@ def test_generate_refuses_damaged_weights_with_one_line(baseline, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"llmpipe: error: {model / 'model.safetensors'}: sha256"), lines
 
 
+def test_partial_folders_do_not_pile_up(baseline, tmp_path):
+    """A finished stage removes its other keys' .partial folders; a failed non-resumable stage leaves none."""
+    wd, base = copy_of(baseline, tmp_path)
+    root = path_in(wd, base, "evaluate", "").parent
+    (root / "0123456789abcdef.partial").mkdir()
+    (root / "0123456789abcdef.partial" / "half-written.json").write_text("{")
+    again = run(wd, ["evaluate"], force=["evaluate"])
+    assert ran(again) == ["evaluate"]
+    assert not list(root.glob("*.partial"))
+    with pytest.raises(Exception, match="evaluate.prompts"):
+        run(wd, ["evaluate"], "evaluate.prompts=['']")
+    assert not list(root.glob("*.partial"))
+
+
 # --- copy and move ---------------------------------------------------------------------------------------------
 
 def test_copied_then_moved_workdir_keeps_its_cache(baseline, tmp_path):
@@ -323,6 +337,14 @@ def test_unwritable_prefect_home_is_one_line(tmp_path):
     env = dict(os.environ, PREFECT_HOME=str(blocker / "prefect"))
     line = _one_error_line(["run", "download", "--workdir", str(tmp_path / "wd")], ROOT, env)
     assert line.startswith(f"llmpipe: error: PREFECT_HOME: {blocker / 'prefect'}: not writable ("), line
+
+
+def test_unwritable_mlflow_store_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{blocker}/mlflow.db")
+    line = _one_error_line(["run", "download", "--workdir", str(tmp_path / "wd")], ROOT, env)
+    assert line.startswith(f"llmpipe: error: MLFLOW_TRACKING_URI: folder {blocker}: not writable ("), line
 
 
 def test_read_only_workdir_is_one_line(tmp_path):
