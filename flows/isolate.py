@@ -178,13 +178,9 @@ def run_body(stage: str, cfg, upstream: dict, work: Path, ctx, share: Share) -> 
         raise RuntimeError(f"{stage}: the stage's process ended without a result (exit code {code})")
     finally:
         inp.close()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        from flows.server import stop_process
+
+        stop_process(proc, grace=30)
 
 
 if __name__ == "__main__":

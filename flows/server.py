@@ -234,12 +234,19 @@ def temporary_prefect(workdir: str | Path, timeout: float = 180.0) -> Iterator[s
             time.sleep(0.2)
         yield spec.api_url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=10)
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM a child we started, wait up to `grace` seconds, then SIGKILL it."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def start_service(name: str, workdir: str | Path, port: int, timeout: float = 180.0,
