@@ -126,7 +126,8 @@ def _module_imports(name: str, f: Path) -> frozenset[str]:
 
 def import_closure(start: set[str], root: Path = LLM_ROOT) -> dict[str, Path]:
     """{module name: file} of every llm module reachable from the module names `start`,
-    including the packages (their __init__.py) that Python runs on the way."""
+    including the packages (their __init__.py) that Python runs on the way. Reaching a subpackage
+    (llm/judge/) counts all of its modules, since a package may import them by name at run time."""
     seen: dict[str, Path] = {}
     looked: set[str] = set()
     todo = [n for n in start if n.split(".")[0] == "llm"]
@@ -142,6 +143,8 @@ def import_closure(start: set[str], root: Path = LLM_ROOT) -> dict[str, Path]:
             continue
         seen[name] = f
         todo.extend(n for n in _module_imports(name, f) if n.split(".")[0] == "llm" and n not in looked)
+        if f.name == "__init__.py" and name != "llm":  # a subpackage may load its modules lazily
+            todo.extend(f"{name}.{m.stem}" for m in f.parent.glob("*.py") if m.stem != "__init__")
     return seen
 
 
