@@ -30,7 +30,7 @@ STAGE_CHOICES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "
 
 from llm.config import ConfigError  # noqa: E402  (light: pydantic + yaml only)
 
-PLUGIN_MODULES = ("flows.server", "flows.serve")
+PLUGIN_MODULES = ("flows.server", "flows.serve", "flows.judge_cli")
 
 
 class UsageError(Exception):
