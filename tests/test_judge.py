@@ -87,9 +87,14 @@ def test_protocols_registry():
     assert PROTOCOLS["reference"].answer == "yesno" and PROTOCOLS["book"].answer == "integer"
     assert JudgeConfig().prompt == "reference"
     msgs = PROTOCOLS["reference"].messages(RECORDS[1], "Berlin.")
-    assert msgs[-1]["role"] == "user" and msgs[-1]["content"] == reference_prompt(RECORDS[1], "Berlin.")
-    text = reference_prompt(RECORDS[1], "Berlin.")
-    assert "Reference answer (correct):\nParis." in text and '"""Berlin."""' in text and text.endswith("Answer yes or no.")
+    assert msgs == [{"role": "system", "content": "You are a careful grader."},
+                    {"role": "user", "content": reference_prompt(RECORDS[1], "Berlin.")}]
+    assert reference_prompt(RECORDS[1], "Berlin.") == (
+        "Task:\nWhat is the capital of France?\n\nReference answer (correct):\nParis.\n\n"
+        "Question: is the candidate answer below a correct answer to this task, meaning the same as the reference "
+        "answer (wording may differ)? Answer yes only if it is correct; answer no if it is wrong, empty, incomplete, "
+        'or an answer to a different task. Answer yes or no.\n\nCandidate answer:\n"""Berlin."""')
+    assert PROTOCOLS["reference"].empty_scores_zero and not PROTOCOLS["book"].empty_scores_zero
 
 
 def test_integer_constraint_accepts_exactly_0_to_100():
@@ -238,8 +243,8 @@ def table_server(fail_first: int = 0, fail_status: int = 500, reject_constraint:
         if reject_constraint and ("grammar" in body or "response_format" in body):
             return 400, {"error": {"message": "unsupported: response_format"}}, {}
         msgs = body["messages"]
-        if msgs[-1]["content"].endswith("Answer yes or no."):
-            m = re.search(r'Reference answer \(correct\):\n(.*?)\n\n.*"""(.*)"""', msgs[-1]["content"], re.S)
+        if "Answer yes or no." in msgs[-1]["content"]:
+            m = re.search(r'Reference answer \(correct\):\n(.*?)\n\n.*"""(.*)"""$', msgs[-1]["content"], re.S)
             p = 0.9 if m.group(1) == m.group(2) else 0.1
             top = [{"token": "Yes", "logprob": math.log(p)},
                    {"token": "No", "logprob": math.log(1 - p)}]
@@ -297,9 +302,13 @@ def test_yesno_protocol_from_logprobs(tmp_path, responses):
     with table_server() as srv:
         res = run_judge(_cfg(srv.url, prompt="reference"), responses, tmp_path / "out", progress=False)
     m = res.metrics
-    assert m["judge_reference_score"] == 90.0 and m["judge_wrong_score"] == 10.0 and m["judge_empty_score"] == 10.0
+    assert m["judge_reference_score"] == 90.0 and m["judge_wrong_score"] == 10.0 and m["judge_empty_score"] == 0.0
     assert m["judge_auc"] == 1.0 and m["judge_mean_score"] == 10.0 and m["judge_scored"] == 3
     assert srv.bodies[0]["max_tokens"] == 1 and srv.bodies[0]["logprobs"] is True
+    assert srv.bodies[0]["messages"][0] == {"role": "system", "content": "You are a careful grader."}
+    assert len(srv.bodies) == 7  # 9 items, the two empty answers scored 0 by rule without a request
+    df = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    assert df["answer"].iloc[1] == "P(yes)=0.9000 P(no)=0.1000" and df["answer"].iloc[3].startswith("empty response: 0")
 
 
 def test_unparseable_then_good_retry_is_scored(tmp_path, responses):

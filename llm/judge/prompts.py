@@ -8,12 +8,15 @@
 
 Three protocols (JudgeConfig.prompt; the name and version go into the judge cache key):
 
-  reference -- the default. Task, reference answer (labelled correct) and the candidate answer in
-               triple quotes, then one yes/no question: is the candidate a correct answer to this
-               task with the same meaning as the reference (an empty answer or an answer to another
-               task is not)? Score = 100 * P(yes) / (P(yes) + P(no)), read from the judge's next-token
+  reference -- the default. System "You are a careful grader."; task, reference answer (labelled
+               correct), one yes/no question (is the candidate a correct answer to this task, meaning
+               the same as the reference? yes only if correct; no if wrong, empty, incomplete or an
+               answer to a different task), then the candidate answer in triple quotes.
+               Score = 100 * P(yes) / (P(yes) + P(no)), read from the judge's next-token
                probabilities (answer kind "yesno"): a graded score from one forward pass, no sampling,
-               no parsing. Chosen by measurement (see README, "The judge").
+               no parsing. A response that is empty or only whitespace scores 0 by rule, without asking
+               the judge (the embedded 1.5B model gives an empty answer ~10-25 under every wording
+               tried). Chosen by measurement among nine wordings (see README, "The judge").
   rubric    -- the previous default: the same layout with a 0-20 / 21-79 / 80-100 rubric, answered with
                an integer (answer kind "integer").
   book      -- the book's prompt, verbatim (section 7.8), answered with an integer: for replication.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from llm.prompts import format_input
 
@@ -36,9 +39,12 @@ class Protocol:
     version: int  # bump when the wording or the scoring changes: old cache entries stop matching
     answer: str  # "integer": the judge answers 0..100 as text; "yesno": 100 * P(yes) from token probabilities
     prompt: Callable[[dict, str], str]
+    system: Optional[str] = None  # a system message before the prompt
+    empty_scores_zero: bool = False  # an empty / whitespace-only response scores 0 without asking the judge
 
     def messages(self, entry: dict, response: str) -> list[dict]:
-        return [{"role": "user", "content": self.prompt(entry, response)}]
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
+        return sys_msg + [{"role": "user", "content": self.prompt(entry, response)}]
 
     @property
     def retry_message(self) -> str:
@@ -75,18 +81,21 @@ def rubric_prompt(entry: dict, response: str) -> str:
 
 
 def reference_prompt(entry: dict, response: str) -> str:
-    """Reference-guided yes/no question (the default protocol, scored by P(yes))."""
-    return ("You grade answers against a reference answer.\n\n"
-            f"Task:\n{_task(entry)}\n\n"
+    """Reference-guided yes/no question (the default protocol, scored by P(yes)). The candidate comes
+    last, so the prompts of one record share everything before it (the local judge reuses that)."""
+    return (f"Task:\n{_task(entry)}\n\n"
             f"Reference answer (correct):\n{entry['output']}\n\n"
-            f'Candidate answer:\n"""{response}"""\n\n'
-            "Is the candidate answer a correct answer to this task, with the same meaning as the reference answer "
-            "(wording may differ)? An empty answer, or an answer to a different task, is not correct. "
-            "Answer yes or no.")
+            "Question: is the candidate answer below a correct answer to this task, meaning the same as the "
+            "reference answer (wording may differ)? Answer yes only if it is correct; answer no if it is wrong, "
+            "empty, incomplete, or an answer to a different task. Answer yes or no.\n\n"
+            f'Candidate answer:\n"""{response}"""')
+
+
+REFERENCE_SYSTEM = "You are a careful grader."
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "reference": Protocol("reference", 1, "yesno", reference_prompt),
+    "reference": Protocol("reference", 1, "yesno", reference_prompt, system=REFERENCE_SYSTEM, empty_scores_zero=True),
     "rubric": Protocol("rubric", 1, "integer", rubric_prompt),
     "book": Protocol("book", 1, "integer", book_prompt),
 }

@@ -47,6 +47,7 @@ from llm.result import MetricLogger, StageResult, log_or_null
 
 FIELDS = ("instruction", "input", "output", "response")
 KINDS = ("model", "reference", "wrong", "empty")
+EMPTY_ANSWER = "empty response: 0 by the protocol's rule (judge not asked)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +241,9 @@ def score_items(judge: Judge, protocol: Protocol, items: list[tuple], cache: Jud
         if stop.is_set():
             return
         _, _, entry, resp = items[k]
+        if protocol.empty_scores_zero and not resp.strip():
+            results[k] = (Verdict(0.0, EMPTY_ANSWER, 0), False, 0.0)
+            return
         messages = protocol.messages(entry, resp)
         key = cache.key(judge.identity, protocol.key, messages, judge.params(protocol))
         hit = cache.get(key)
