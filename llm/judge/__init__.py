@@ -21,13 +21,21 @@ The package:
   stage.py    run_judge: responses + calibration items -> scores table, metrics (judge_auc, ...)
 It never imports prefect or mlflow: flows/ logs the StageResult.
 """
-from llm.judge.base import Judge, JudgeError, JudgeFatal, Verdict
-from llm.judge.cache import JudgeCache
-from llm.judge.parse import INTEGER_GRAMMAR, SCORE_SCHEMA, parse_score, parse_yesno, yesno_score
-from llm.judge.prompts import PROTOCOLS, Protocol, book_prompt, get_protocol, reference_prompt, rubric_prompt
-from llm.judge.stage import calibration_items, judge_auc, load_responses, make_judge, run_judge, score_items
+import importlib
 
-__all__ = ["Judge", "JudgeError", "JudgeFatal", "Verdict", "JudgeCache", "INTEGER_GRAMMAR", "SCORE_SCHEMA",
-           "parse_score", "parse_yesno", "yesno_score", "PROTOCOLS", "Protocol", "book_prompt", "get_protocol",
-           "reference_prompt", "rubric_prompt", "calibration_items", "judge_auc", "load_responses", "make_judge",
-           "run_judge", "score_items"]
+# Names resolve lazily (PEP 562), so `python -m llm.judge.<module>` does not import its own module twice.
+_EXPORTS = {
+    "base": ("Judge", "JudgeError", "JudgeFatal", "Verdict"),
+    "cache": ("JudgeCache",),
+    "parse": ("INTEGER_GRAMMAR", "SCORE_SCHEMA", "parse_score", "parse_yesno", "yesno_score"),
+    "prompts": ("PROTOCOLS", "Protocol", "book_prompt", "get_protocol", "reference_prompt", "rubric_prompt"),
+    "stage": ("calibration_items", "judge_auc", "load_responses", "make_judge", "run_judge", "score_items"),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"llm.judge.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'llm.judge' has no attribute {name!r}")

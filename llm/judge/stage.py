@@ -251,6 +251,7 @@ def score_items(judge: Judge, protocol: Protocol, items: list[tuple], cache: Jud
             results[k] = (Verdict(hit[1], hit[0], 0), True, 0.0)
             return
         t = time.monotonic()
+        loaded_before = getattr(judge, "load_seconds", None)
         try:
             v = judge.judge(protocol, entry, resp)
         except JudgeError as e:
@@ -265,7 +266,8 @@ def score_items(judge: Judge, protocol: Protocol, items: list[tuple], cache: Jud
         with lock:
             state["consecutive"] = 0
         cache.put(key, judge.identity, protocol.key, messages[-1]["content"], judge.params(protocol), v.answer, v.score)
-        results[k] = (v, False, time.monotonic() - t)
+        load = getattr(judge, "load_seconds", None) if loaded_before is None else None  # loaded by this call
+        results[k] = (v, False, time.monotonic() - t - (load or 0.0))
 
     bar = tqdm(total=len(items), desc="judge", unit="item", disable=not progress, dynamic_ncols=True)
     model_scores: list[float] = []
