@@ -15,8 +15,9 @@ Three protocols (JudgeConfig.prompt; the name and version go into the judge cach
                Score = 100 * P(yes) / (P(yes) + P(no)), read from the judge's next-token
                probabilities (answer kind "yesno"): a graded score from one forward pass, no sampling,
                no parsing. A response that is empty or only whitespace scores 0 by rule, without asking
-               the judge (the embedded 1.5B model gives an empty answer ~10-25 under every wording
-               tried). Chosen by measurement among nine wordings (see README, "The judge").
+               the judge (the embedded 1.5B model gives an empty answer 10-25 with the better wordings,
+               up to 73 with others). Chosen by measurement among about a dozen wordings (README,
+               "The judge").
   rubric    -- the previous default: the same layout with a 0-20 / 21-79 / 80-100 rubric, answered with
                an integer (answer kind "integer").
   book      -- the book's prompt, verbatim (section 7.8), answered with an integer: for replication.
