@@ -275,7 +275,13 @@ def score_items(judge: Judge, protocol: Protocol, items: list[tuple], cache: Jud
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             futures = [pool.submit(work, k) for k in range(len(items))]
             for n, f in enumerate(futures, start=1):
-                f.result()
+                try:
+                    f.result()
+                except BaseException:  # e.g. the judge is not installed, Ctrl-C: ask nothing more
+                    stop.set()
+                    for other in futures:
+                        other.cancel()
+                    raise
                 r = results[n - 1]
                 if r is None:
                     continue
