@@ -507,7 +507,7 @@ def test_cli_judge_score(tmp_path):
     assert run.data.metrics["judge_mean_score"] == 47.5 and run.data.tags["stage"] == "judge"
     assert run.data.params["judge_field"] == "model 1 response"
     bad = subprocess.run([sys.executable, "-m", "flows.cli", "judge", "score", str(f), "--field", "nope",
-                          "--set", f"judge.url=http://127.0.0.1:9/v1", "--set", "judge.model=m", "--no-mlflow",
+                          "--set", "judge.url=http://127.0.0.1:9/v1", "--set", "judge.model=m", "--no-mlflow",
                           "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
         f"llmpipe: error: {f}: record 0: missing field 'nope' (expected a string; other fields there: 'model 1 response')")
