@@ -121,8 +121,9 @@ class RemoteJudge(Judge):
                     _warned.add(self._origin[1])
                     sys.stderr.write(f"judge: warning: the API key goes over plain http to {self._origin[1]} "
                                      f"({self.url}); anyone on the way can read it (use https)\n")
+        # proxies from the environment (HTTPS_PROXY, ...) for remote hosts, never for a loopback judge
         self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
-                                   follow_redirects=False, trust_env=False)
+                                   follow_redirects=False, trust_env=not is_loopback(self._origin[1]))
 
     def params(self, protocol: Protocol) -> dict:
         p = {"temperature": self.temperature, "seed": self.seed}
