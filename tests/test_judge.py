@@ -2,7 +2,8 @@
 
 Protocol tests talk HTTP to real servers on 127.0.0.1 started here (no mocks): a table-driven
 OpenAI-compatible server that counts what it receives, a redirecting server, a garbage server, a
-silent server and a closed port. The last tests load the real embedded judge in this process;
+silent server, a closed port, and a stand-in llama-server binary started as a process by
+judge.backend=llama-server. The last tests load the real embedded judge in this process;
 they are skipped, with the reason printed (-ra), only when it is not installed
 (scripts/install_judge.sh; CI installs it).
 
