@@ -7,6 +7,10 @@
     llmpipe classify TEXT ... [--file F] [--run-id ID | --checkpoint DIR]
     llmpipe ask INSTRUCTION [--input TEXT] [--run-id ID | --checkpoint DIR]
     llmpipe presets                               list shipped presets
+    llmpipe judge score FILE.json --field F       score any responses with the configured judge
+    llmpipe judge prepare|check                   install / check the embedded judge model
+    llmpipe server start|stop|status              this workdir's Prefect server and MLflow UI
+    llmpipe serve [...]                           deployments with schedules and triggers
 
 Bad input (unknown stage or preset, malformed config value, missing or malformed data file)
 exits non-zero with one line naming the file/field and what was expected; `--debug` shows the

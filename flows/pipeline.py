@@ -65,7 +65,8 @@ HEADLINE = {
     "evaluate": {"val_loss": "val_loss", "val_perplexity": "val_perplexity"},
     "spam": {"test_accuracy": "test_accuracy", "test_f1": "test_f1"},
     "judge": {"judge_mean_score": "judge_mean_score", "judge_reference_score": "judge_reference_score",
-              "judge_empty_score": "judge_empty_score", "judge_wrong_score": "judge_wrong_score"},
+              "judge_empty_score": "judge_empty_score", "judge_wrong_score": "judge_wrong_score",
+              "judge_auc": "judge_auc"},
 }
 log = logging.getLogger("llmpipe")
 COMPUTE = threading.Lock()
