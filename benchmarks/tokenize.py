@@ -16,7 +16,14 @@ Throughput is MB/s of cleaned UTF-8 text per wall second (process start-up of th
 included, interpreter start-up is not). The ratio compares llmpipe run_shard with the fastest raw
 path. The token ids of llmpipe's shards are checked against tiktoken's for the same text.
 
-    python benchmarks/tokenize.py [--data ../shared/data/gutenberg] [--repeats 3] [--workers 0]
+    python benchmarks/tokenize.py [--data ../shared/data/gutenberg] [--repeats 3] [--workers N]
+    python benchmarks/tokenize.py --scale 100 400        # peak RSS of run_shard at 100 and 400 MB of input
+
+--workers defaults to every allowed core, like the raw batch API's threads (the stage's own default,
+workers 0, takes only the cores the load average leaves free: fewer on a busy machine).
+--scale MB ...: writes a documents.parquet of about MB megabytes (the cleaned books repeated under new
+doc_ids, in row groups as the clean stage writes them) and reports run_shard's time, MB/s and peak
+RSS (VmHWM of a fresh process) for each size: the peak should not grow with the corpus.
 
 The machine may be shared: the load average before and after is printed with the figures.
 """
@@ -68,7 +75,8 @@ def run_one(mode: str, documents: Path, workers: int) -> dict:
         from llm.shards import run_shard  # imports torch (TokenWindows): only where it is used
 
     enc = get_encoding()  # build the ranks before timing, for every path
-    texts = _texts(documents)
+    # run_shard reads the file itself: loading the texts here would add the corpus to its peak RSS
+    texts = _texts(documents) if mode != "llmpipe_run_shard" else []
     t0 = time.perf_counter()
     if mode == "llmpipe_run_shard":
         with tempfile.TemporaryDirectory() as d:
@@ -95,6 +103,43 @@ def run_one(mode: str, documents: Path, workers: int) -> dict:
     return {"mode": mode, "seconds": dt, "tokens": tokens, "rss_mb": self_kb / 1024, "child_rss_mb": child_kb / 1024}
 
 
+def scale(documents: Path, sizes: list[float], workers: int, tmp: Path) -> None:
+    """run_shard on corpora of `sizes` MB built from the books in `documents`; time and peak RSS each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llm.clean import ROW_GROUP_CHARS, SCHEMA
+
+    books = pq.read_table(documents).to_pylist()
+    print(f"cpus: {len(os.sched_getaffinity(0))}, llmpipe workers: {workers}, load average before: {os.getloadavg()}")
+    print(f"\n{'input MB':>9s} {'documents':>10s} {'seconds':>8s} {'MB/s':>7s} {'tokens':>12s} {'peak RSS MB':>12s}")
+    for mb in sizes:
+        path = tmp / f"documents-{mb:g}MB.parquet"
+        writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
+        total, n, buf, buf_chars = 0, 0, [], 0
+        while total < mb * 1e6:
+            b = books[n % len(books)]
+            buf.append({"doc_id": f"{b['doc_id']}-copy{n}", "source": b["source"], "text": b["text"]})
+            total += len(b["text"].encode("utf-8"))
+            buf_chars += len(b["text"])
+            n += 1
+            if buf_chars >= ROW_GROUP_CHARS:
+                writer.write_table(pa.Table.from_pylist(buf, schema=SCHEMA))
+                buf, buf_chars = [], 0
+        if buf:
+            writer.write_table(pa.Table.from_pylist(buf, schema=SCHEMA))
+        writer.close()
+        out = subprocess.run([sys.executable, __file__, "--one", "llmpipe_run_shard", "--documents", str(path),
+                              "--workers", str(workers)], capture_output=True, text=True, cwd=ROOT)
+        if out.returncode != 0:
+            sys.exit(f"run_shard failed:\n{out.stderr}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{total / 1e6:9.1f} {n:10d} {r['seconds']:8.2f} {total / 1e6 / r['seconds']:7.2f} {r['tokens']:12,d} "
+              f"{r['rss_mb']:12.0f}", flush=True)
+        path.unlink()
+    print(f"load average after: {os.getloadavg()}")
+
+
 MODES = ["llmpipe_run_shard", "llmpipe_encode_documents", "llmpipe_encode_processes", "raw_encode_to_numpy",
          "raw_encode_ordinary_batch", "raw_2_processes"]
 
@@ -103,8 +148,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gutenberg"))
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=0,
-                    help="llmpipe tokenizer workers (default 0 = the stage default: every free core)")
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                    help="llmpipe tokenizer workers (default: every allowed core; 0 = the stage default, the free cores)")
+    ap.add_argument("--scale", type=float, nargs="+", metavar="MB", help="measure run_shard's peak RSS at these input sizes")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--documents", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -126,6 +172,8 @@ def main() -> None:
         tmp = Path(tmp)
         clean = run_clean(CleanConfig(), files, tmp / "clean", progress=False)
         documents = clean.outputs["documents"]
+        if args.scale:
+            return scale(documents, args.scale, args.workers, tmp)
         texts = _texts(documents)
         nbytes = sum(len(t.encode("utf-8")) for t in texts)
         print(f"corpus: {len(texts)} cleaned books, {sum(map(len, texts)):,} chars, {nbytes / 1e6:.2f} MB UTF-8")
