@@ -50,7 +50,11 @@ def test_auto_on_a_wide_model_follows_the_cpus_cached_measurement(cache_dir):
         assert not fast and "no AMX or AVX512-BF16" in why and not cache_dir.exists()
         assert resolve_dtype("auto", CPU, 768)[0] is None
         return
-    fast, why = cpu_bf16_fast()  # measures once and caches
+    torch.manual_seed(5)
+    fast, why = cpu_bf16_fast()  # measures once and caches, without moving the global RNG
+    drawn = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(drawn, torch.rand(3))
     entry = json.loads((cache_dir / "cpu-bf16.json").read_text())[bf16_cache_key()]
     assert fast == (entry["speedup"] >= 1.2) and f"{entry['speedup']:.2f}x" in why
     assert resolve_dtype("auto", CPU, 768) == ((torch.bfloat16 if fast else None),
