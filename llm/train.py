@@ -271,7 +271,7 @@ def resolve_dtype(dtype: str, device: torch.device, width: Optional[int] = None,
             return torch.bfloat16, f"auto: the GPU ({name}) supports bf16"
         return None, f"auto: the GPU ({name}) has no bf16; fp32 with TF32 matmuls where it has them"
     if width is not None and width < BF16_CPU_MIN_WIDTH:
-        return None, (f"auto: on a CPU a model of width {width} < {BF16_CPU_MIN_WIDTH} gains little from bf16 "
+        return None, (f"auto: on a CPU a model of width {width} < {BF16_CPU_MIN_WIDTH} gains little or nothing from bf16 "
                       "(casts cost what the matmuls save), so fp32")
     fast, why = cpu_bf16_fast()
     if fast:
