@@ -8,7 +8,9 @@ and checks the two token sequences are identical. A random model is initialised 
 default init (as the book's GPTModel is): its large logits make greedy ties, which rounding could
 flip between the two paths, unlikely.
 
-    python benchmarks/generate_speed.py [--new-tokens 200] [--checkpoint DIR] [--repeats 1]
+    python benchmarks/generate_speed.py [--new-tokens 200] [--checkpoint DIR] [--repeats 1] [--device auto|cpu|cuda]
+
+--device auto runs on a CUDA GPU when there is one (fp32 weights; each step's .item() synchronises).
 
 Run it on an otherwise idle machine; the load average before and after is printed with the figures.
 """
@@ -40,7 +42,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="llmpipe or Hugging Face GPT-2 folder (default: a random 124M GPT)")
     ap.add_argument("--repeats", type=int, default=1, help="best of N for each path")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all allowed cores)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a = ap.parse_args()
+    device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
     threads = a.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {threads} threads, load average before: {os.getloadavg()}")
@@ -50,7 +54,9 @@ def main() -> None:
     else:
         model = GPT(GPTConfig.named("gpt2-small", drop_rate=0.0))
         book_init_(model, 123)
-    model.eval()
+    model.to(device).eval()
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}")
     ids = get_encoding().encode(a.prompt)
     print(f"model: {model.num_params():,} parameters, context {model.cfg.context_length}; prompt {len(ids)} tokens, "
           f"{a.new_tokens} new tokens, greedy")

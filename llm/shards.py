@@ -28,6 +28,7 @@ Run `python -m llm.shards DOCUMENTS.parquet OUT_DIR` to shard by hand, or
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -177,19 +178,21 @@ def run_shard(cfg: ShardConfig, documents: Path, out_dir: Path, progress: bool =
     if pool is None:
         pool = tok.EncoderPool(cfg.workers)
     # enough characters per step to keep every worker busy (a cluster may have many)
-    sub_batch_chars = max(SUB_BATCH_CHARS, pool.workers * (tok.PIECE_CHARS // 2))
+    sub_batch_chars = max(SUB_BATCH_CHARS, pool.workers * (pool.piece_chars // 2))
 
-    def sub_batches(parts: list[tuple[str, str, str, str]]):
-        start, chars = 0, 0
-        for i, p in enumerate(parts):
-            chars += len(p[3])
-            if chars >= sub_batch_chars:
-                yield parts[start:i + 1]
-                start, chars = i + 1, 0
-        if start < len(parts):
-            yield parts[start:]
+    inflight: collections.deque = collections.deque()  # (parts, result getter) submitted to the pool
+    pending: Optional[Future] = None  # the writer's current sub-batch
 
-    pending: Optional[Future] = None
+    def drain_one() -> None:
+        nonlocal pending
+        sub, result = inflight.popleft()
+        encoded = result()
+        for p, arr in zip(sub, encoded):
+            tokens_done[p[0]] += len(arr)
+        if pending is not None:
+            pending.result()  # at most one sub-batch waits for the writer
+        pending = wex.submit(write, sub, encoded)
+
     try:
         with contextlib.ExitStack() as stack:
             if own_pool:
@@ -197,11 +200,12 @@ def run_shard(cfg: ShardConfig, documents: Path, out_dir: Path, progress: bool =
             wex = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="llmpipe-shard-writer"))
             bar = stack.enter_context(tqdm(total=n_docs, desc="shard", unit="doc", disable=not progress))
             seen = 0
+            parts: list[tuple[str, str, str, str]] = []  # (split, doc_id, source, text) not yet submitted
+            chars = 0
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["doc_id", "source", "text"]):
                 ids = batch.column("doc_id").to_pylist()
                 srcs = batch.column("source").to_pylist()
                 texts = batch.column("text").to_pylist()
-                parts: list[tuple[str, str, str, str]] = []  # (split, doc_id, source, text)
                 for i, (doc_id, source, text) in enumerate(zip(ids, srcs, texts)):
                     if doc_id is None or source is None or text is None:
                         raise ValueError(f"{documents}: row {seen + i}: null doc_id/source/text")
@@ -214,16 +218,22 @@ def run_shard(cfg: ShardConfig, documents: Path, out_dir: Path, progress: bool =
                     else:
                         split = "val" if _in_val(doc_id, cfg.seed, cfg.val_fraction) else "train"
                         parts.append((split, doc_id, source, text))
-                for sub in sub_batches(parts):
-                    encoded = pool.encode_documents([p[3] for p in sub])
-                    for p, arr in zip(sub, encoded):
-                        tokens_done[p[0]] += len(arr)
-                    if pending is not None:
-                        pending.result()  # at most one sub-batch waits for the writer
-                    pending = wex.submit(write, sub, encoded)
+                    chars += len(text)
+                    # Sub-batches span record batches, so small documents still fill every worker; two
+                    # are in flight, so the workers start on the next while the previous is assembled.
+                    if chars >= sub_batch_chars:
+                        inflight.append((parts, pool.submit_documents([p[3] for p in parts])))
+                        parts, chars = [], 0
+                        if len(inflight) > 1:
+                            drain_one()
+                del texts, batch
                 seen += len(ids)
                 bar.update(len(ids))
                 log({"documents_done": seen, "train_tokens": tokens_done["train"], "val_tokens": tokens_done["val"]}, seen)
+            if parts:
+                inflight.append((parts, pool.submit_documents([p[3] for p in parts])))
+            while inflight:
+                drain_one()
             if pending is not None:
                 pending.result()
         for w in writers.values():

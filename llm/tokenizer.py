@@ -38,7 +38,7 @@ import warnings
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import tiktoken
@@ -267,6 +267,12 @@ class EncoderPool:
 
     def encode_documents(self, texts: Sequence[str], allow_special: bool = True) -> list[np.ndarray]:
         """Like module-level `encode_documents`, spread over this pool's workers when workers > 1."""
+        return self.submit_documents(texts, allow_special)()
+
+    def submit_documents(self, texts: Sequence[str], allow_special: bool = True) -> Callable[[], list[np.ndarray]]:
+        """Start encoding `texts` on the workers; returns a function that waits for and returns what
+        `encode_documents` would. Several submissions may be in flight: the workers go on with the
+        next one while the caller assembles or writes the previous one (no idle barrier between them)."""
         total = sum(len(t) for t in texts if isinstance(t, str))
         unit = self.piece_chars
         if self.workers > 1:
@@ -274,10 +280,19 @@ class EncoderPool:
         units, where = _plan(texts, max(1, unit))
         if (self.workers == 1 and self._external is None) or len(units) <= 1:
             results = [_encode_pieces(u, allow_special) for u in units]
-        else:
-            get_encoding()  # build it once here rather than racing in several threads
+            return lambda: _assemble(results, where)
+        get_encoding()  # build it once here rather than racing in several threads
+        try:
+            pool = self._pool()
+            futures = [pool.submit(_encode_pieces, u, allow_special) for u in units]
+        except BrokenProcessPool:
+            futures = None
+
+        def result() -> list[np.ndarray]:
             try:
-                results = list(self._pool().map(_encode_pieces, units, [allow_special] * len(units)))
+                if futures is None:
+                    raise BrokenProcessPool("the worker processes could not start")
+                results = [f.result() for f in futures]
             except BrokenProcessPool:
                 # A worker process could not start (e.g. __main__ is a script spawn cannot re-import,
                 # such as <stdin>) or died: encode here instead, correct if slower.
@@ -285,7 +300,8 @@ class EncoderPool:
                 self.close()
                 self.workers = 1
                 results = [_encode_pieces(u, allow_special) for u in units]
-        return _assemble(results, where)
+            return _assemble(results, where)
+        return result
 
     def close(self) -> None:
         if self._executor is not None:

@@ -139,6 +139,28 @@ def test_shard_cap_creates_several_files(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-00000.parquet"]
 
 
+def test_shards_are_byte_identical_however_the_work_is_cut(tmp_path, monkeypatch):
+    """Sub-batches that span record batches, several in flight on 2 workers, pieces of long documents:
+    the same shard bytes and manifest as one worker encoding whole batches."""
+    import llm.shards
+    from llm.tokenizer import EncoderPool
+
+    many = [(f"d{i}", f"s{i % 3}", f"Row {i}:\n" + "word, more words.\n" * (3 + 7 * i)) for i in range(40)]
+    docs = write_docs(tmp_path / "d.parquet", many)
+    cfg = ShardConfig(val_fraction=0.2, max_shard_mb=0.002)
+    run_shard(cfg.model_copy(update={"workers": 1}), docs, tmp_path / "one", progress=False)
+    monkeypatch.setattr(llm.shards, "BATCH_ROWS", 3)
+    monkeypatch.setattr(llm.shards, "SUB_BATCH_CHARS", 150)
+    with EncoderPool(2, piece_chars=64) as pool:
+        run_shard(cfg, docs, tmp_path / "two", progress=False, pool=pool)
+        assert pool._executor is not None  # the work really went to the workers
+    one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
+    assert [p.name for p in one] == [p.name for p in two] and len(one) > 4
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
+    assert read_tokens(tmp_path / "two", "train").tolist() == sum(
+        (ids(t[:int(0.8 * len(t))]) for _, _, t in many), [])
+
+
 def test_manifest_catches_modified_or_missing_files(tmp_path):
     docs = write_docs(tmp_path / "d.parquet")
     out = tmp_path / "s"
