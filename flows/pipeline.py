@@ -432,7 +432,9 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
             models[job.stage] = MODEL_REFS.pop(info.run_id)
         rated = registry.RATED_BY.get(job.stage)
         metric = registry.BEST_BY[rated][0] if rated else None
-        if rated in models and metric in info.metrics and not (info.cached and upstream[rated].cached):
+        # a model stage rates its own version when it logs it; evaluate and judge rate the upstream model's
+        if (rated in models and rated != job.stage and metric in info.metrics
+                and not (info.cached and upstream[rated].cached)):
             try:
                 registry.rate(tracker, rated, models[rated], float(info.metrics[metric]))
             except Exception as e:  # a store without a registry must not fail the pipeline

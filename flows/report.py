@@ -53,7 +53,7 @@ def fmt(v: Any) -> str:
         return f"{f:,.0f}"
     if a >= 1:
         return f"{f:.4f}".rstrip("0").rstrip(".")
-    digits = max(4, 3 - int(math.floor(math.log10(a))) + 1) if a > 0 else 4
+    digits = 3 - int(math.floor(math.log10(a)))  # 4 significant digits
     return f"{f:.{min(digits, 12)}f}".rstrip("0").rstrip(".")
 
 
