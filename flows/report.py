@@ -51,8 +51,6 @@ def fmt(v: Any) -> str:
     a = abs(f)
     if a >= 1000:
         return f"{f:,.0f}"
-    if a >= 1:
-        return f"{f:.4f}".rstrip("0").rstrip(".")
     digits = 3 - int(math.floor(math.log10(a)))  # 4 significant digits
     return f"{f:.{min(digits, 12)}f}".rstrip("0").rstrip(".")
 
