@@ -63,6 +63,18 @@ def shot(url: str, out: Path, wait_ms: int = 20000, size: str = "1600,1000") -> 
     print(f"{out}  <- {url}" if out.exists() else f"FAILED {url}")
 
 
+def latest_artifact(api_url: str, key: str) -> str:
+    """The id of the newest Prefect artifact with this key (its page shows the content)."""
+    import urllib.request
+
+    body = json.dumps({"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}).encode()
+    req = urllib.request.Request(f"{api_url.rstrip('/')}/artifacts/filter", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        found = json.loads(r.read())
+    return found[0]["id"] if found else ""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp/llmpipe-screens")
@@ -102,13 +114,14 @@ def main() -> int:
         pf = state["prefect"]["url"].rstrip("/")
         pre = first["stages"]["pretrain"]["run_id"]
         shot(f"{ml}/#/experiments/{eid}/runs", out / "1-runs-table.png")
-        shot(f"{ml}/#/experiments/{eid}/runs/{pre}/model-metrics", out / "2-pretrain-chart.png", size="1600,2200")
+        shot(f"{ml}/#/experiments/{eid}/runs/{pre}/model-metrics", out / "2-pretrain-chart.png", size="1600,1400")  # taller: plots stay unrendered
         shot(f"{ml}/#/models/llmpipe-tiny-spam", out / "3-registered-model.png")
         shot(f"{pf}/runs/flow-run/{second['prefect_flow_run_id']}", out / "4-prefect-flow-run.png", size="1600,1400")
         shot(f"{ml}/#/experiments/{eid}/runs/{second['pipeline_run_id']}", out / "5-parent-overview.png",
              size="1600,2600")
-        shot(f"{pf}/artifacts/key/llmpipe-summary", out / "6-prefect-summary-artifact.png")
-        shot(f"{pf}/artifacts/key/pretrain-summary", out / "7-prefect-pretrain-artifact.png")
+        for name, key in (("6-prefect-summary-artifact.png", "llmpipe-summary"),
+                          ("7-prefect-pretrain-artifact.png", "pretrain-summary")):
+            shot(f"{pf}/artifacts/artifact/{latest_artifact(state['prefect']['api_url'], key)}", out / name)
         print(f"workdir {wd}; MLflow {ml}; Prefect {pf}")
     finally:
         if not a.keep_servers:
