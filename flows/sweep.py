@@ -93,10 +93,12 @@ def table_lines(axes: list[tuple[str, list[str]]], ranked: list[dict], by) -> li
     from flows.report import fmt, headline
 
     keys = [k for k, _ in axes]
+    # the metrics of the stages the grid changes and of the stage the variants are ranked by
+    wanted = {k.split(".")[0] for k in keys} | ({by[0]} if by else set())
     metric_cols: list[str] = []
     for r in ranked:
         for stage, s in r["stages"].items():
-            if s["cached"] and by and stage != by[0]:
+            if wanted & set(r["stages"]) and stage not in wanted:
                 continue
             for m, _ in headline(stage, s["metrics"]):
                 col = f"{stage}.{m}"
