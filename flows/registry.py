@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -161,14 +162,28 @@ def download_model(uri: str, workdir: Path, stage: str) -> Path:
     tr = get_tracker(workdir)
     import mlflow.artifacts
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     dst = Path(tempfile.mkdtemp(prefix="llmpipe-model-"))
-    try:
-        with _store(tr.uri, tr.experiment_id):
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
-                                                             tracking_uri=tr.uri))
-    except Exception as e:
-        raise UsageError(f"--model {uri}: not found in {tr.uri} ({str(e).splitlines()[0][:200]})") from None
+    cache = _cache_dir(tr, uri, Path(workdir))
+    if cache is not None and (cache / "MLmodel").is_file():
+        local = cache  # this version was fetched before: versions never change
+    else:
+        try:
+            with _store(tr.uri, tr.experiment_id):
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
+                                                                 tracking_uri=tr.uri))
+        except Exception as e:
+            raise UsageError(f"--model {uri}: not found in {tr.uri} ({str(e).splitlines()[0][:200]})") from None
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+            shutil.copytree(local, tmp)
+            try:
+                os.replace(tmp, cache)  # atomic: a half-copied folder is never used
+                local = cache
+            except OSError:  # another process cached it meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+    if not str(local).startswith(str(dst)):
+        shutil.rmtree(dst, ignore_errors=True)
     found = sorted(p.parent for p in local.rglob("config.json") if (p.parent / "model.safetensors").exists())
     if not found:
         raise UsageError(f"--model {uri}: holds no llmpipe checkpoint (config.json + model.safetensors)")
@@ -176,6 +191,30 @@ def download_model(uri: str, workdir: Path, stage: str) -> Path:
     if meta_stage and meta_stage != stage:
         raise UsageError(f"--model {uri}: a {meta_stage} model; expected a {stage} model")
     return found[0]
+
+
+def _cache_dir(tr, uri: str, workdir: Path) -> Optional[Path]:
+    """<workdir>/data/cache/models/<name>/<version>-<model id> for a registered version (aliases resolved
+    first; the model id keeps a re-created registered model's version 1 apart from the old one)."""
+    try:
+        if not uri.startswith("models:/"):
+            return None
+        rest = uri[len("models:/"):]
+        c = tr.client
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            mv = c.get_model_version_by_alias(name, alias)
+        else:
+            name, version = rest.rsplit("/", 1)
+            if version == "latest":
+                version = str(max(int(v.version) for v in c.search_model_versions(f"name='{name}'")))
+            mv = c.get_model_version(name, version)
+        ident = "".join(ch for ch in str(getattr(mv, "model_id", None) or mv.run_id or "") if ch.isalnum())[:16]
+        if "/" in name or name.startswith("."):
+            return None
+        return Path(workdir).resolve() / "data" / "cache" / "models" / name / f"{mv.version}-{ident}"
+    except Exception:  # unknown name or alias: the download reports it
+        return None
 
 
 def _model_stage(local: Path) -> str:

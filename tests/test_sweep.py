@@ -74,6 +74,29 @@ def test_sweep_of_three_spam_lrs_shares_pretrain(prefect_server, tmp_path, monke
     assert len(names) == 3 and all("spam.lr=" in n for n in names)
 
 
+def test_parallel_sweep_gives_the_sequential_results(prefect_server, tmp_path, monkeypatch):
+    """--parallel 2 (each variant its own `llmpipe run` process) vs one after the other, in two workdirs."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from flows.sweep import parse_grid, run_sweep
+
+    out = {}
+    for parallel in (1, 2):
+        wd = write_fixture_workdir(tmp_path / f"p{parallel}")
+        args = argparse.Namespace(stages=["spam"], preset="tiny", config_file=None, overrides=list(TEST_OVERRIDES),
+                                  mirror=None, corpus=[], workdir=str(wd), name=None, parallel=parallel,
+                                  no_progress=True)
+        monkeypatch.setenv("LLMPIPE_PREFECT", "ephemeral")
+        out[parallel] = run_sweep(args, parse_grid(["spam.lr=1e-4,1e-3"]))
+    for a, b in zip(out[1]["variants"], out[2]["variants"]):
+        assert a["overrides"] == b["overrides"]
+        for stage in ("pretrain", "spam"):
+            assert a["stages"][stage]["cache_key"] == b["stages"][stage]["cache_key"]
+            keep = ("test_accuracy", "test_f1", "val_accuracy", "train_loss", "val_loss")
+            assert {k: v for k, v in a["stages"][stage]["metrics"].items() if k in keep} == \
+                {k: v for k, v in b["stages"][stage]["metrics"].items() if k in keep}
+    assert sum(not v["stages"]["pretrain"]["cached"] for v in out[2]["variants"]) == 1  # built once, then shared
+
+
 def _cli(tmp_path, *args):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "flows.cli", "sweep", *args, "--workdir", str(tmp_path)],
