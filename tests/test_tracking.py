@@ -214,3 +214,26 @@ def test_dataset_inputs_carry_content_digests_and_pretrain_has_system_metrics(ru
     assert [d.dataset.name for d in spam.inputs.dataset_inputs] == ["raw/sms"]
     assert any(k.startswith("system/cpu_utilization") for k in pre.data.metrics)
     assert any(k.startswith("system/system_memory_usage") for k in pre.data.metrics)
+
+
+def test_prefect_names_artifacts_and_progress(runs):
+    wd, first, second = runs
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    tr = _tracker(wd)
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(second["prefect_flow_run_id"])
+        assert fr.name == tr.client.get_run(second["pipeline_run_id"]).info.run_name == second["name"]
+
+        def latest(key):
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return [a for a in found if str(a.flow_run_id) in (first["prefect_flow_run_id"],
+                                                               second["prefect_flow_run_id"])]
+
+        table = [a for a in latest("llmpipe-summary") if str(a.flow_run_id) == second["prefect_flow_run_id"]]
+        assert len(table) == 1 and table[0].type == "table" and "spam" in str(table[0].data)
+        md = latest("pretrain-summary")
+        assert len(md) == 1 and "MLflow run" in md[0].data and first["stages"]["pretrain"]["run_id"] in md[0].data
+        progress = latest("pretrain-progress")
+        assert len(progress) == 1 and float(progress[0].data) == 100.0
