@@ -59,7 +59,7 @@ from flows.isolate import Share, finetune_shares, run_body
 from flows.stages import STAGE_DEFS, StageContext, needed_sources, plan, resolve  # noqa: F401 (resolve: re-exported)
 from flows import registry, report
 from flows.tracking import (SystemMetrics, get_tracker, git_commit, log_datasets, mark_dead_runs, override_pairs,
-                            pipeline_run_name, process_tags, run_link, run_url, summary_points)
+                            pipeline_run_name, process_tags, run_url, summary_points)
 from llm.config import PipelineConfig
 from llm.fsutil import atomic_write_text
 

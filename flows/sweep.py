@@ -144,7 +144,6 @@ def _one_subprocess(args, overrides: list[str], parent_run_id: str, name: str) -
 
 
 def run_sweep(args, axes: list[tuple[str, list[str]]]) -> dict:
-    from flows import report
     from flows.pipeline import _commit, pipeline
     from flows.tracking import get_tracker, pipeline_run_name, process_tags, run_url, short_commit
 

@@ -6,7 +6,6 @@ nests its pipeline runs under one sweep run; bad grids fail before anything runs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
