@@ -34,6 +34,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm frames for model up/downloads
 
 STAGE_CHOICES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "judge", "all")
 
@@ -42,7 +43,7 @@ from flows import timing  # noqa: E402
 from flows.errors import UsageError  # noqa: E402
 from llm.config import ConfigError  # noqa: E402  (light: pydantic + yaml only)
 
-PLUGIN_MODULES = ("flows.server", "flows.serve", "flows.judge_cli")
+PLUGIN_MODULES = ("flows.server", "flows.serve", "flows.judge_cli", "flows.sweep", "flows.ui")
 
 
 class _DropErrors(logging.Filter):
@@ -85,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="re-run these stages even if cached")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars (without a terminal they are "
+                   "replaced by a log line every LLMPIPE_LOG_EVERY seconds, default 10)")
+    p.add_argument("--name", help="name of the MLflow parent run and the Prefect flow run "
+                   "(default: '<preset> <overrides> @<commit>')")
     p.add_argument("--task-runner", choices=("threads", "dask"),
                    help="where clean and shard do their parallel work: threads here (default) or a Dask "
                    "cluster (prefect-dask); the artifacts are identical (= --set orchestration.task_runner=...)")
@@ -143,6 +147,8 @@ def _add_model_args(p: argparse.ArgumentParser, init: bool = True) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--run-id", help="an MLflow run id: a stage run, or a pipeline run (its newest matching stage)")
     g.add_argument("--checkpoint", metavar="DIR", help="a checkpoint folder (model.safetensors + config.json)")
+    g.add_argument("--model", metavar="URI", help="a registered model, e.g. models:/llmpipe-tiny-pretrain@best "
+                   "(or models:/NAME/VERSION)")
     if init:
         g.add_argument("--init", help="gpt2, gpt2-medium, ... or a Hugging Face GPT-2 folder")
     p.add_argument("--workdir", default=".")
@@ -193,9 +199,12 @@ def cmd_run(args) -> int:
 
         with timing.phase("flow_run"):
             summary = pipeline(stages=args.stages, preset=args.preset, config_file=args.config_file,
-                           overrides=args.overrides, mirror=args.mirror, corpus=args.corpus, force=args.force,
-                           workdir=args.workdir, progress=not args.no_progress)
-    _print_summary(summary)
+                               overrides=args.overrides, mirror=args.mirror, corpus=args.corpus, force=args.force,
+                               workdir=args.workdir, progress=show_progress(args), name=args.name,
+                               command=command_line(),
+                               parent_run_id=os.environ.get("LLMPIPE_PARENT_RUN_ID") or None)
+        prefect_url = _prefect_url(summary)
+    _print_summary(summary, prefect_url)
     if args.json:
         print(json.dumps(summary), flush=True)
     timing.report()
@@ -234,12 +243,32 @@ def check_writable_paths(workdir: Path) -> None:
     _check_writable(home, "PREFECT_HOME:", "point PREFECT_HOME at a writable folder")
 
 
-def _print_summary(summary: dict) -> None:
-    lines = [f"pipeline run {summary['pipeline_run_id']}"]
-    for stage, s in summary["stages"].items():
-        head = ", ".join(f"{k}={v:.4g}" for k, v in list(s["metrics"].items())[:4])
-        lines.append(f"  {stage:9s} {'cached' if s['cached'] else 'ran   '} {s['artifact_dir']}  {head}")
-    print("\n".join(lines), file=sys.stderr, flush=True)
+def show_progress(args) -> bool:
+    """tqdm bars only on a terminal: in cron/CI logs they would be carriage-return frames (the stages'
+    progress lines go through the run logger instead)."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def command_line() -> str:
+    import shlex
+
+    return shlex.join(["llmpipe", *sys.argv[1:]])
+
+
+def _prefect_url(summary: dict) -> str:
+    """The flow run's page, when it ran on a Prefect server that outlives this command."""
+    if os.environ.get("LLMPIPE_PREFECT", "") == "ephemeral" and not os.environ.get("LLMPIPE_KEEP_PREFECT_URL"):
+        return ""
+    from flows.report import prefect_flow_run_url
+
+    return prefect_flow_run_url(summary.get("prefect_flow_run_id", ""))
+
+
+def _print_summary(summary: dict, prefect_url: str = "") -> None:
+    """One aligned line per stage (ran/cached, seconds, 2-4 headline metrics), then the links."""
+    from flows.report import summary_lines
+
+    print("\n".join(summary_lines(summary, summary.get("mlflow_url", ""), prefect_url)), file=sys.stderr, flush=True)
 
 
 def cmd_stages(args) -> int:
@@ -265,10 +294,20 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def _model_dir(args, stage: str) -> Path:
+    """--model URI (the registry), else --run-id / --checkpoint / the newest artifact (flows/models.py)."""
+    if getattr(args, "model", None):
+        from flows.registry import download_model
+
+        return download_model(args.model, Path(args.workdir), stage)
+    from flows.models import resolve_model_dir
+
+    return resolve_model_dir(args.run_id, args.checkpoint, Path(args.workdir), stage)
+
+
 def cmd_generate(args) -> int:
     import torch
 
-    from flows.models import resolve_model_dir
     from llm.generate import generate
     from llm.tokenizer import get_encoding
 
@@ -284,7 +323,7 @@ def cmd_generate(args) -> int:
     else:
         from llm.checkpoint import load_model
 
-        model = load_model(resolve_model_dir(args.run_id, args.checkpoint, Path(args.workdir), "pretrain"))
+        model = load_model(_model_dir(args, "pretrain"))
     enc = get_encoding()
     prompt_ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if not prompt_ids:
@@ -302,12 +341,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from flows.models import resolve_model_dir
     from llm.spam import classify_file, load_classifier
 
     if not args.texts and not args.file:
         raise UsageError("classify: give one or more TEXT arguments or --file F")
-    clf = load_classifier(resolve_model_dir(args.run_id, args.checkpoint, Path(args.workdir), "spam"))
+    clf = load_classifier(_model_dir(args, "spam"))
     rows = []
     if args.texts:
         for text, (label, prob) in zip(args.texts, clf.predict(args.texts)):
@@ -324,10 +362,9 @@ def cmd_classify(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    from flows.models import resolve_model_dir
     from llm.instruct import answer
 
-    text = answer(resolve_model_dir(args.run_id, args.checkpoint, Path(args.workdir), "instruct"),
+    text = answer(_model_dir(args, "instruct"),
                   args.instruction, args.input, max_new_tokens=args.max_new_tokens)
     print(json.dumps({"instruction": args.instruction, "input": args.input, "response": text}) if args.json
           else text)

@@ -24,9 +24,17 @@ How a stage runs (see flows/stages.py for the stages themselves, flows/cache.py 
    must run and orchestration.concurrent_finetunes allows it, each run their llm/ call in a process
    of their own (flows/isolate.py) and so truly at the same time; clean and shard do their
    parallel work on orchestration.task_runner (flows/scaleout.py).
-5. Every stage of every invocation gets an MLflow child run under the invocation's parent run,
-   tagged stage, cache_key, cached, prefect.flow_run_id, git_commit; a cached stage's child run
-   carries `cached_from_run_id` and the producing run's metrics.
+5. Every stage of every invocation gets an MLflow child run (named after the stage) under the
+   invocation's parent run (named `<preset> <overrides> @<commit>`, or --name), tagged stage, cache_key,
+   cached, prefect.flow_run_id, git_commit and MLflow's reserved source tags; a cached stage's child run
+   carries `cached_from_run_id`, the producing run's metrics at their steps, a link to its artifacts and
+   its model version. Curves keep their real steps; the end-of-stage summary lands on each curve's last
+   point or under `final_<name>` (flows/tracking.summary_points). The parent gets every override and
+   the flattened, stage-prefixed config as params, a description, and its headline metrics once.
+6. pretrain, spam and instruct log their model as an MLflow pyfunc model and register it
+   (flows/registry.py); stages that read data log it with `log_input` (content digests); long
+   stages get MLflow system metrics; progress lines, markdown/table/progress artifacts go to Prefect
+   (flows/report.py).
 """
 from __future__ import annotations
 
@@ -54,7 +62,9 @@ from flows.cache import (StageInfo, artifact_dir, check_stage, describe_outputs,
                          write_source_records)
 from flows.isolate import CONCURRENT, Share, finetune_shares, run_body
 from flows.stages import STAGE_DEFS, StageContext, needed_sources, plan, resolve  # noqa: F401 (resolve: re-exported)
-from flows.tracking import get_tracker, git_commit, process_tags
+from flows import registry, report
+from flows.tracking import (SystemMetrics, get_tracker, git_commit, log_datasets, override_pairs, reserved_tags,
+                            pipeline_run_name, process_tags, run_url, summary_points)
 from llm.config import PipelineConfig
 from llm.fsutil import atomic_write_text
 
@@ -100,6 +110,7 @@ class StageRun:
     share: Optional[dict] = None  # running beside another stage in a process of its own
     concurrent_with: str = ""
     flow_run_id: str = ""
+    source_name: str = "llmpipe"  # mlflow.source.name: the command that started the pipeline
 
     @property
     def cfg(self) -> PipelineConfig:
@@ -169,7 +180,7 @@ def _execute_stage(job: StageRun) -> StageInfo:
     tracker = get_tracker(workdir)
     tags = {"stage": stage, "cache_key": key, "cached": "false", "prefect.flow_run_id": job.flow_run_id,
             "git_commit": job.git_commit, "artifact_dir": str(final), "pipeline_run_id": job.parent_run_id,
-            **process_tags()}
+            **reserved_tags(job.git_commit, job.source_name), **process_tags()}
     if stage in DATA_STAGES:
         tags["task_runner"] = cfg.orchestration.task_runner
     if job.share:
@@ -187,7 +198,13 @@ def _execute_stage(job: StageRun) -> StageInfo:
         elif not resumable:
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
+        log_datasets(tracker, run_id, stage_datasets(job))
         metric_log = tracker.metric_logger(run_id)
+        total = None
+        if stage == "pretrain" and "shard" in job.upstream:
+            total = report.estimated_pretrain_steps(cfg, Path(job.upstream["shard"].outputs.get("shards", ".")))
+        progress_lines = report.ProgressLines(stage, total)
+        metric_log.listeners.append(progress_lines)
 
         def on_checkpoint(path: Path, step: int) -> None:
             metric_log.flush()
@@ -197,14 +214,17 @@ def _execute_stage(job: StageRun) -> StageInfo:
         ctx = StageContext(workdir=workdir, progress=job.progress, log=metric_log, on_checkpoint=on_checkpoint,
                            sources=job.sources, data_runner=data_runner)
         upstream = {s: info.to_json() for s, info in job.upstream.items()}
-        if job.share:  # running beside another stage: in a process of its own (flows/isolate.py)
-            t0 = time.time()
-            result = run_body(stage, cfg, upstream, work, ctx, Share(**job.share))
-        else:
-            with COMPUTE:  # one stage body at a time in this process (torch's RNG and threads are global)
+        report.run_logger().info("%s: started (cache key %s)", stage, key[:16])
+        with SystemMetrics(tracker, run_id) if stage in SYSTEM_METRIC_STAGES else contextlib.nullcontext():
+            if job.share:  # running beside another stage: in a process of its own (flows/isolate.py)
                 t0 = time.time()
-                result = STAGE_DEFS[stage].body(cfg, upstream, work, ctx)
+                result = run_body(stage, cfg, upstream, work, ctx, Share(**job.share))
+            else:
+                with COMPUTE:  # one stage body at a time in this process (torch's RNG and threads are global)
+                    t0 = time.time()
+                    result = STAGE_DEFS[stage].body(cfg, upstream, work, ctx)
         metric_log.flush()
+        progress_lines.done()
         seconds = time.time() - t0
         metrics = {k: float(v) for k, v in result.metrics.items()}
         metrics["stage_seconds"] = seconds
@@ -224,14 +244,31 @@ def _execute_stage(job: StageRun) -> StageInfo:
         outputs = {k: str(final / v) for k, v in rel_outputs.items()}
         artifacts = [final / Path(a).relative_to(work) if Path(a).is_relative_to(work) else Path(a)
                      for a in result.artifacts]
-        tracker.log_metrics(run_id, metrics)
+        last_step = metric_log.last_step
+        points: dict[int, dict[str, float]] = {}
+        for name, value, step in summary_points(metrics, metric_log.curve):
+            points.setdefault(step, {})[name] = value
+        for step, batch in sorted(points.items()):
+            tracker.log_metrics(run_id, batch, step=step)
         if params:
             tracker.log_params(run_id, {f"result.{k}": v for k, v in params.items()})
         tracker.log_artifacts(run_id, artifacts)
-        if stage in ("pretrain", "spam", "instruct"):
-            for name in ("checkpoint", "classifier", "model"):
-                if name in outputs:
-                    tracker.log_artifacts(run_id, [Path(outputs[name])], artifact_path="checkpoint")
+        model_ref = None
+        if stage in registry.MODEL_STAGES:
+            name = registry.MODEL_OUTPUT[stage]
+            if name in outputs:
+                tracker.log_artifacts(run_id, [Path(outputs[name])], artifact_path="checkpoint")
+                try:
+                    model_ref = registry.log_model(tracker, run_id, stage, cfg.preset, Path(outputs[name]), metrics,
+                                                   step=last_step)
+                    MODEL_REFS[run_id] = model_ref
+                except Exception as e:  # e.g. a tracking server without a model registry: keep the trained stage
+                    log.warning("%s: could not log or register the model in MLflow: %s", stage, e)
+        url = run_url(tracker, run_id)
+        report.run_logger().info("%s: done in %s s: %s", stage, report.fmt(round(seconds, 1)),
+                                 report.headline_text(stage, metrics))
+        report.prefect_markdown(stage, report.stage_markdown(stage, "ran", metrics, str(final), run_id, url, seconds,
+                                                             model_ref["uri"] if model_ref else ""))
         if stage == "download" and metrics.get("sources_changed", 0) > 0:
             _emit("llmpipe.source.changed", "llmpipe.stage.download", {"cache_key": key}, workdir)
         _emit("llmpipe.stage.completed", f"llmpipe.stage.{stage}",
@@ -249,18 +286,86 @@ def _execute_stage(job: StageRun) -> StageInfo:
                      metrics=metrics, run_id=run_id, seconds=seconds, params=params)
 
 
+def stage_datasets(job: StageRun) -> list[dict]:
+    """The data a stage reads (upstream outputs and local files), named, with their content hashes."""
+    cfg = job.cfg
+    context = {"evaluate": "evaluation", "judge": "evaluation"}.get(job.stage, "training")
+    out = []
+    for up, name in STAGE_DEFS[job.stage].reads(cfg):
+        info = job.upstream.get(up)
+        if info is None or name not in info.outputs or name in ("checkpoint", "classifier", "model"):
+            continue
+        label = name if up != "download" else f"raw/{name}"
+        out.append({"name": label, "path": info.outputs[name], "sha256": info.output_hashes[name], "context": context})
+    for field_name, value in (("spam.source", cfg.spam.source), ("instruct.data", cfg.instruct.data)):
+        if job.stage == field_name.split(".")[0] and field_name in job.input_hashes:
+            out.append({"name": Path(value).name, "path": value, "sha256": job.input_hashes[field_name],
+                        "context": context})
+    return out
+
+
+SYSTEM_METRIC_STAGES = ("pretrain", "spam", "instruct", "judge", "dpo")
+MODEL_REFS: dict[str, dict] = {}  # run id -> the registered model version it logged (this process)
+
+
 STAGE_TASKS = {s: task(name=s, cache_policy=NO_CACHE, persist_result=False, log_prints=True)(run_stage)
                for s in STAGE_DEFS}
 
 
 # --- the flow ---------------------------------------------------------------------------------------------
 
-@flow(name="llmpipe", log_prints=True, persist_result=False)
+def _flow_run_name() -> str:
+    """The Prefect flow run's name: the MLflow parent run's name (`tiny spam.lr=1e-4 @5157131`)."""
+    p = flow_run.parameters or {}
+    if p.get("name"):
+        return p["name"]
+    return pipeline_run_name(p.get("preset") or "tiny", list(p.get("overrides") or []), _commit(),
+                             p.get("config_file"))
+
+
+def _commit() -> str:
+    return git_commit(Path(__file__).resolve().parent.parent)
+
+
+def config_file_params(path: Optional[str]) -> dict[str, str]:
+    """The values a --config file sets, flattened, as `config_file.<key>` params."""
+    if not path:
+        return {}
+    try:
+        import yaml
+
+        from flows.tracking import flatten
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return {f"config_file.{k}": str(v) for k, v in flatten(data).items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def parent_params(cfg: PipelineConfig, overrides: list[str], config_file: Optional[str]) -> dict[str, str]:
+    """What makes a pipeline run differ from another, as parent params: each override
+    (`override.spam.lr`), the --config file's values, and the whole resolved config flattened and
+    stage-prefixed (`spam.lr`, `pretrain.lr`, ...). Keys stay within MLflow's 250 characters."""
+    from flows.tracking import flatten
+
+    out = {f"override.{k}": v for k, v in override_pairs(overrides).items()}
+    out.update(config_file_params(config_file))
+    for k, v in flatten(cfg.model_dump(mode="json")).items():
+        out.setdefault(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+    return {k: v for k, v in out.items() if len(k) <= 250}
+
+
+@flow(name="llmpipe", log_prints=True, persist_result=False, flow_run_name=_flow_run_name)
 def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_file: Optional[str] = None,
              overrides: Optional[list[str]] = None, mirror: Optional[str] = None,
              corpus: Optional[list[str]] = None, force: Optional[list[str]] = None, workdir: str = ".",
-             progress: bool = True) -> dict:
-    """Run the llmpipe stages (default: all) with caching and MLflow tracking; returns the summary."""
+             progress: bool = True, name: Optional[str] = None, command: Optional[str] = None,
+             parent_run_id: Optional[str] = None) -> dict:
+    """Run the llmpipe stages (default: all) with caching and MLflow tracking; returns the summary.
+
+    `name` names the MLflow parent run and the Prefect flow run (default `<preset> <overrides> @<commit>`);
+    `command` is the command line recorded in the run's description; `parent_run_id` nests the
+    pipeline run under another MLflow run (a sweep's)."""
     requested = list(stages or ["all"])
     cfg = resolve(preset, config_file, list(overrides or []), mirror, list(corpus or []))
     wd = Path(workdir).resolve()
@@ -271,14 +376,21 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
         forced = set(order)
     tracker = get_tracker(wd)
     tracker.mark_dead_runs()
-    commit = git_commit(Path(__file__).resolve().parent.parent)
+    commit = _commit()
     flow_run_id = str(flow_run.id or "")
-    parent = tracker.start_run(f"pipeline-{cfg.preset}", {
+    user_overrides = list(overrides or [])
+    run_name = pipeline_run_name(cfg.preset, user_overrides, commit, config_file, name)
+    command = command or "llmpipe run " + " ".join(requested)
+    source_name = " ".join(command.split()[:2])
+    parent = tracker.start_run(run_name, {
         "stage": "pipeline", "prefect.flow_run_id": flow_run_id, "git_commit": commit,
-        "preset": cfg.preset, "stages": ",".join(order), **process_tags()})
+        "preset": cfg.preset, "stages": ",".join(order), **reserved_tags(commit, source_name), **process_tags()},
+        parent_run_id=parent_run_id)
     tracker.log_params(parent, {"preset": cfg.preset, "config_hash": cfg.config_hash(), "git_commit": commit,
                                 "stages": ",".join(order), "requested": ",".join(requested),
-                                "task_runner": cfg.orchestration.task_runner})
+                                "task_runner": cfg.orchestration.task_runner, "mirror": str(mirror or ""),
+                                **({"config_file": str(config_file)} if config_file else {}),
+                                **parent_params(cfg, user_overrides, config_file)})
     tracker.log_text(parent, json.dumps(cfg.model_dump(mode="json"), indent=2), "resolved_config.json")
     nonce = uuid.uuid4().hex
     upstream: dict[str, StageInfo] = {}
@@ -293,7 +405,8 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
         return StageRun(stage=stage, key=stage_key(stage, section, hashes), section=section, input_hashes=hashes,
                         config=config_json, workdir=str(wd), parent_run_id=parent, git_commit=commit, nonce=nonce,
                         sources=sources, upstream={s: upstream[s] for s in STAGE_DEFS[stage].deps(cfg)},
-                        progress=progress, forced=force_it or stage in forced, flow_run_id=flow_run_id)
+                        progress=progress, forced=force_it or stage in forced, flow_run_id=flow_run_id,
+                        source_name=source_name)
 
     def will_run(job: StageRun) -> bool:
         return job.forced or check_stage(wd, job.stage, job.key, sources=sources, cfg=cfg)[0] is None
@@ -306,23 +419,36 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
         futures[job.stage] = STAGE_TASKS[job.stage].with_options(**opts).submit(job, wait_for=deps)
         return futures[job.stage]
 
+    models: dict[str, dict] = {}  # model stage -> its registered version (made here or by the producing run)
+    headline: dict[str, float] = {}  # the parent's metrics, logged once at the end
+
     def finish(job: StageRun, info: StageInfo) -> None:
         """After a stage task returned: a child run for a cached stage, the summary, headline metrics."""
         if info.cached:
             info.cached_from_run_id = info.run_id
-            info.run_id = tracker.start_run(job.stage, {
-                "stage": job.stage, "cache_key": job.key, "cached": "true", "cached_from_run_id": info.run_id,
-                "prefect.flow_run_id": flow_run_id, "git_commit": commit, "artifact_dir": info.artifact_dir,
-                "pipeline_run_id": parent, **process_tags()}, parent_run_id=parent)
-            tracker.log_batch(info.run_id, params=job.section, metrics=info.metrics)
-            tracker.end_run(info.run_id)
+            info.run_id, ref = tracker.call("flows.registry:cached_child", job.stage, job.key, job.section, info,
+                                            parent, flow_run_id, commit, source_name, process_tags())
+            if ref:
+                models[job.stage] = ref
+        elif info.run_id in MODEL_REFS:
+            models[job.stage] = MODEL_REFS.pop(info.run_id)
+        rated = registry.RATED_BY.get(job.stage)
+        metric = registry.BEST_BY[rated][0] if rated else None
+        # a model stage rates its own version when it logs it; evaluate and judge rate the upstream model's
+        if (rated in models and rated != job.stage and metric in info.metrics
+                and not (info.cached and upstream[rated].cached)):
+            try:
+                registry.rate(tracker, rated, models[rated], float(info.metrics[metric]))
+            except Exception as e:  # a store without a registry must not fail the pipeline
+                log.warning("could not rate %s: %s", models[rated]["uri"], e)
         info.key = job.key
         upstream[job.stage] = info
         summary[job.stage] = {"run_id": info.run_id, "cached": info.cached, "artifact_dir": info.artifact_dir,
-                              "metrics": info.metrics, "cache_key": job.key}
-        headline = {HEADLINE[job.stage][m]: v for m, v in info.metrics.items() if m in HEADLINE.get(job.stage, {})}
-        if headline:
-            tracker.log_metrics(parent, headline)
+                              "metrics": info.metrics, "cache_key": job.key, "seconds": round(info.seconds, 3)}
+        if job.stage in models:
+            summary[job.stage]["model"] = models[job.stage]["uri"]
+        headline.update({HEADLINE[job.stage][m]: v for m, v in info.metrics.items()
+                         if m in HEADLINE.get(job.stage, {})})
 
     together: list[str] = []
     rebuilds: dict[str, int] = {}
@@ -382,9 +508,13 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
             done.add(job.stage)
         ordered = {s: summary.pop(s) for s in order if s in summary}
         summary.update(ordered)
-        tracker.log_metrics(parent, {"stages_cached": sum(s["cached"] for s in summary.values()),
-                                     "stages_run": sum(not s["cached"] for s in summary.values())})
-        tracker.log_params(parent, {"concurrent_finetunes": ",".join(together) or "none"})
+        headline.update({"stages_cached": sum(s["cached"] for s in summary.values()),
+                         "stages_run": sum(not s["cached"] for s in summary.values())})
+        tracker.log_batch(parent, params={"concurrent_finetunes": ",".join(together) or "none"}, metrics=headline)
+        tracker.set_tags(parent, {"mlflow.note.content": report.parent_description(
+            command, cfg.preset, override_pairs(user_overrides), config_file, summary, tracker.experiment_id,
+            {s: v["seconds"] for s, v in summary.items()})})
+        report.prefect_summary_table({"stages": summary})
         tracker.end_run(parent)
     except BaseException:
         tracker.end_run(parent, "FAILED")
@@ -392,4 +522,5 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
     finally:
         scaleout.unregister(nonce)
         data_runner.close()
-    return {"pipeline_run_id": parent, "stages": summary}
+    return {"pipeline_run_id": parent, "name": run_name, "prefect_flow_run_id": flow_run_id,
+            "mlflow_url": run_url(tracker, parent), "stages": summary}

@@ -71,8 +71,8 @@ def test_schedule_file_parses_crons_timezone_and_triggers(tmp_path):
     ("triggers:\n  evaluate: [{event: x, when: y}]\n",
      "{f}: triggers.evaluate[0]: unknown field(s) ['when']; expected event, resource, parameters"),
     ("triggers:\n  evaluate: [{event: x, parameters: {stagez: [a]}}]\n",
-     "{f}: triggers.evaluate[0]: field 'parameters': unknown parameter(s) ['stagez']; expected some of config_file, "
-     "corpus, force, mirror, overrides, preset, progress, stages, workdir"),
+     "{f}: triggers.evaluate[0]: field 'parameters': unknown parameter(s) ['stagez']; expected some of command, "
+     "config_file, corpus, force, mirror, name, overrides, parent_run_id, preset, progress, stages, workdir"),
 ])
 def test_schedule_file_errors_name_the_file_and_key(tmp_path, text, message):
     f = tmp_path / "s.yaml"
