@@ -77,6 +77,7 @@ def log_model(tracker, run_id: str, stage: str, preset: str, model_dir: Path, me
     import llm
     from flows import pyfunc
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "Validating input example ..." lines in the run's output
     kind = pyfunc.KINDS[stage]
     name = model_name(preset, stage)
     example_params = {"generate": {"max_new_tokens": 4}, "ask": {"max_new_tokens": 4}}.get(kind)
