@@ -204,8 +204,22 @@ def ensure_prefect(workdir: str | Path, echo: Callable[[str], None] = print) -> 
     url = prefect_api_url(workdir)
     if url:
         return url
-    port = DEFAULT_PORTS["prefect"] if port_free(DEFAULT_PORTS["prefect"]) else free_port()
-    info = start_service("prefect", workdir, port, echo=lambda _msg: None)
+    import fcntl
+
+    state_dir(workdir).mkdir(parents=True, exist_ok=True)
+    with open(state_dir(workdir) / "prefect.lock", "a") as lock:  # two runs starting at once start one server
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = read_state(workdir, "prefect")
+        if info is not None and not info["stale"] and info.get("api_url"):  # it runs: maybe slow to answer
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if healthy(info.get("health_url", ""), timeout=2.0):
+                    return info["api_url"]
+                time.sleep(0.5)
+            raise RuntimeError(f"prefect: this workdir's server (pid {info['pid']}, {info.get('url')}) does not answer; "
+                               "`llmpipe server stop` stops it, or set LLMPIPE_PREFECT=ephemeral")
+        port = DEFAULT_PORTS["prefect"] if port_free(DEFAULT_PORTS["prefect"]) else free_port()
+        info = start_service("prefect", workdir, port, echo=lambda _msg: None)
     echo(f"llmpipe: started a Prefect server for {Path(workdir).resolve()} at {info['url']} (pid {info['pid']}); "
          "it keeps running for the next runs: `llmpipe server status|stop` manages it, "
          "LLMPIPE_PREFECT=ephemeral turns this off")

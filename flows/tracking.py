@@ -12,6 +12,7 @@ Open the UI on the default store:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -139,6 +140,24 @@ def warm_up(workdir: Path) -> threading.Thread:
     return t
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """An exclusive lock (flock) beside a SQLite store while it is opened (created, migrated); no-op otherwise."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f".{db.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Tracker:
     """One MLflow client for a pipeline invocation."""
 
@@ -149,10 +168,9 @@ class Tracker:
 
         self.workdir = Path(workdir)
         self.uri = tracking_uri(self.workdir)
-        if self.uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
-            (self.workdir / "mlruns").mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
+        with _store_lock(self.uri):  # two processes creating one SQLite store race on its schema migrations
+            self.client = MlflowClient(tracking_uri=self.uri)
+            exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             artifact_location = None
             if self.uri == default_tracking_uri(self.workdir):

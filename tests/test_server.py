@@ -158,3 +158,47 @@ def test_bad_port_and_service_names(tmp_path):
     r = llmpipe("server", "start", "redis", "--workdir", str(tmp_path))
     assert r.returncode == 2
     assert r.stderr.strip() == "llmpipe: error: service: unknown service 'redis'; expected one of prefect, mlflow"
+
+
+def test_run_starts_one_kept_server_per_workdir_and_reuses_it(tmp_path):
+    """Default setup: the first `llmpipe run` starts this workdir's Prefect server (one line says so), two
+    runs starting at once start one server between them, and later runs reuse it."""
+    from tests.test_pipeline import TEST_OVERRIDES, write_fixture_workdir
+
+    wd = write_fixture_workdir(tmp_path)
+    env = {k: v for k, v in _env().items() if k != "LLMPIPE_PREFECT"}
+    args = [sys.executable, "-m", "flows.cli", "run", "download", "--workdir", str(wd), "--no-progress",
+            *[a for o in TEST_OVERRIDES for a in ("--set", o)]]
+    try:
+        procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outs]
+        started = [o[1] for o in outs if "llmpipe: started a Prefect server for" in o[1]]
+        assert len(started) == 1, [o[1][-500:] for o in outs]
+        info = read_state(wd, "prefect")
+        assert info is not None and not info["stale"] and pid_alive(info["pid"])
+        again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        assert again.returncode == 0, again.stderr
+        assert "started a Prefect server" not in again.stderr
+        assert read_state(wd, "prefect")["pid"] == info["pid"]
+        servers = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                   if _cmd(pid).startswith(f"{sys.executable} -m prefect server start") and _cwd(pid) == str(wd)]
+        assert servers == [info["pid"]]
+    finally:
+        stop_service("prefect", wd, echo=lambda _m: None)
+    assert read_state(wd, "prefect") is None
+
+
+def _cmd(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
