@@ -35,7 +35,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
-STAGE_CHOICES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "judge", "all")
+STAGE_CHOICES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "dpo", "judge", "all")
 
 
 from flows import timing  # noqa: E402

@@ -32,7 +32,7 @@ def _sha(p: Path) -> str:
 
 
 def write_fixture_workdir(root: Path) -> Path:
-    """A workdir with its own sources.yaml: two small texts, an SMS file, instruction records."""
+    """A workdir with its own sources.yaml: two small texts, an SMS file, instruction and preference records."""
     src = root / "upstream"
     src.mkdir(parents=True)
     (src / "a.txt").write_text(_text(1, 1500))
@@ -48,11 +48,13 @@ def write_fixture_workdir(root: Path) -> Path:
     records = [{"instruction": f"Repeat the word {w}.", "input": "" if i % 2 else f"word {i}", "output": f"{w}."}
                for i, w in enumerate(WORDS * 2)]
     (src / "instr.json").write_text(json.dumps(records))
+    prefs = [{**r, "chosen": r["output"], "rejected": f"No. {r['output']}"} for r in records]
+    (src / "pref.json").write_text(json.dumps(prefs))
     wd = root / "work"
     (wd / "data").mkdir(parents=True)
     entries = []
     for name, f, kind in (("text_a", "a.txt", "text"), ("text_b", "b.txt", "text"), ("sms", "sms.tsv", "sms_spam"),
-                          ("instr", "instr.json", "instructions")):
+                          ("instr", "instr.json", "instructions"), ("pref", "pref.json", "preferences")):
         entries.append({"name": name, "url": str(src / f), "file": f, "sha256": _sha(src / f), "kind": kind})
     import yaml
 
@@ -61,7 +63,7 @@ def write_fixture_workdir(root: Path) -> Path:
 
 
 TEST_OVERRIDES = [
-    "clean.sources=[text_a, text_b]", "clean.min_chars=50", "spam.source=sms", "instruct.data=instr",
+    "clean.sources=[text_a, text_b]", "clean.min_chars=50", "spam.source=sms", "instruct.data=instr", "dpo.data=pref",
     "pretrain.model.context_length=16", "pretrain.model.emb_dim=16", "pretrain.model.n_heads=2",
     "pretrain.model.n_layers=1", "pretrain.max_steps=4", "pretrain.batch_size=4", "pretrain.eval_every=2",
     "pretrain.eval_batches=2", "pretrain.checkpoint_every=2",
