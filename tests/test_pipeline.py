@@ -181,3 +181,26 @@ def test_which_stages_run_for_three_edits(prefect_server, workdir):
     forced = run(workdir, ["evaluate", "spam"], "spam.lr=1e-4", "clean.min_chars=6000", force=["shard"])
     assert ran(forced) == ["shard"]
     assert forced["stages"]["pretrain"]["artifact_dir"] == edited["stages"]["pretrain"]["artifact_dir"]
+
+
+def test_dpo_stage_after_instruct_cached_and_keyed(prefect_server, workdir):
+    """The dpo stage: its plan (instruct's model + the preference source), the reward margin rising from 0
+    (policy == reference at step 0), a fully cached second run, and a dpo setting re-running dpo alone."""
+    from flows.stages import plan
+    from llm.config import load_config
+
+    cfg = load_config("tiny", overrides=TEST_OVERRIDES)
+    assert plan(cfg, ["judge"])[-3:] == ["instruct", "dpo", "judge"]
+    assert plan(cfg.model_copy(update={"judge": cfg.judge.model_copy(update={"dpo": False})}), ["judge"])[-2:] == \
+        ["instruct", "judge"]
+    extra = ["pretrain.model.context_length=96", "instruct.max_steps=3", "dpo.max_steps=4", "dpo.eval_every=2",
+             "dpo.lr=1e-3", "dpo.test_limit=2"]
+    first = run(workdir, ["dpo"], *extra)
+    assert ran(first) == ["download", "clean", "shard", "pretrain", "instruct", "dpo"]
+    m = first["stages"]["dpo"]["metrics"]
+    assert m["val_reward_margin_start"] == 0.0 and m["val_reward_margin"] > 0.0 and m["steps"] == 4
+    assert {"dpo_train_loss", "dpo_val_loss", "train_reward_margin", "val_reward_accuracy"} <= set(m)
+    out = Path(first["stages"]["dpo"]["artifact_dir"])
+    assert (out / "reward_margin.png").is_file() and (out / "responses.parquet").is_file()
+    assert ran(run(workdir, ["dpo"], *extra)) == []
+    assert ran(run(workdir, ["dpo"], *extra, "dpo.beta=0.5")) == ["dpo"]
