@@ -101,6 +101,8 @@ class PretrainConfig(Section):
     lr: float = Field(4e-4, gt=0)
     min_lr: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
+    initial_lr: float = Field(3e-5, ge=0, description="book_compat: the warmup starts at this lr (appendix D); "
+                              "otherwise the warmup is lr * (step + 1) / warmup_steps")
     schedule: Literal["constant", "cosine"] = "cosine"
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -120,7 +122,8 @@ class PretrainConfig(Section):
         False,
         description="replay the book's chapter-5 loop: PyTorch default init right after torch.manual_seed(seed), "
         "weight decay on every parameter, DataLoader-style shuffles drawn from the global RNG, eval after "
-        "optimizer steps 1, 1+eval_every, ... with train loss re-measured on eval_batches train batches",
+        "optimizer steps 1, 1+eval_every, ... with train loss re-measured on eval_batches train batches; "
+        "appendix D's warmup from initial_lr and gradient clipping only after the warmup",
     )
 
 

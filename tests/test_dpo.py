@@ -294,3 +294,11 @@ def test_presets_carry_a_dpo_section():
     assert (book.dpo.beta, book.dpo.lr, book.dpo.weight_decay, book.dpo.epochs, book.dpo.batch_size) == \
         (0.1, 5e-6, 0.01, 1, 8)
     assert book.dpo.data == "instruction_preference"
+
+
+def test_every_preset_generates_dpo_responses_like_instruct():
+    from llm.config import list_presets
+
+    for name in list_presets():
+        c = load_config(name)
+        assert (c.dpo.max_new_tokens, c.dpo.test_limit) == (c.instruct.max_new_tokens, c.instruct.test_limit), name
