@@ -158,6 +158,8 @@ class SpamConfig(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = cores actually free)")
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between resumable checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
+    book_compat: bool = Field(False, description="replay the book where it differs (README: book mode): "
+                              "appendix E LoRA (scaling alpha, separate Q/K/V adapters)")
 
 
 class InstructConfig(Section):
@@ -185,6 +187,8 @@ class InstructConfig(Section):
     lora_targets: list[str] = Field(default_factory=lambda: ["att", "ff", "out_head"])
     threads: int = Field(0, ge=0, description="torch threads (0 = cores not already busy)")
     keep_checkpoints: int = Field(2, ge=1)
+    book_compat: bool = Field(False, description="replay the book where it differs (README: book mode): "
+                              "appendix E LoRA (scaling alpha, separate Q/K/V adapters)")
 
 
 class DpoConfig(Section):

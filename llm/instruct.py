@@ -218,7 +218,7 @@ def prepare_model(cfg: InstructConfig, base_checkpoint: Optional[Path]) -> tuple
     if cfg.train_mode == "lora":
         from llm.lora import apply_lora
 
-        wrapped = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        wrapped = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, book=cfg.book_compat)
     else:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -193,7 +193,7 @@ def classify_logits(model: GPT, ids: torch.Tensor, lengths: torch.Tensor) -> tor
 
 
 def set_train_mode(model: GPT, mode: str, lora_rank: int = 16, lora_alpha: float = 16.0,
-                   lora_targets: Sequence[str] = ("att", "ff", "out_head")) -> list[str]:
+                   lora_targets: Sequence[str] = ("att", "ff", "out_head"), book: bool = False) -> list[str]:
     """Choose what trains: head | last_block (last block + final_norm + head) | all | lora.
 
     For lora every base weight is frozen and the targeted Linear layers get LoRA adapters;
@@ -213,7 +213,7 @@ def set_train_mode(model: GPT, mode: str, lora_rank: int = 16, lora_alpha: float
     elif mode == "lora":
         from llm.lora import apply_lora
 
-        wrapped = apply_lora(model, lora_rank, lora_alpha, lora_targets)
+        wrapped = apply_lora(model, lora_rank, lora_alpha, lora_targets, book=book)
         trainable = [] if "out_head" in wrapped else [model.out_head]
     else:
         raise ValueError(f"train_mode {mode!r}: expected one of head, last_block, all, lora")
@@ -554,7 +554,8 @@ def _run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: 
 
     torch.manual_seed(cfg.seed)
     net = add_classification_head(backbone, len(LABELS))
-    wrapped = set_train_mode(net, cfg.train_mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    wrapped = set_train_mode(net, cfg.train_mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                             book=cfg.book_compat)
     net.to(device)
     params_total = sum(p.numel() for p in {id(p): p for p in net.parameters()}.values())
     trainable = [p for p in net.parameters() if p.requires_grad]

@@ -1,6 +1,7 @@
 """Book mode (`book_compat: true`) against the book's own functions from the installed `llms_from_scratch`
 package, on the same inputs: appendix D's warmup from initial_lr with clipping only after the warmup
-(per-step learning rates, and a whole training loop).
+(per-step learning rates, and a whole training loop); appendix E's LoRA (a layer's output, separate Q/K/V
+adapters on the fused qkv, the trainable parameter count of 124M + a 2-class head at rank 16).
 
 Run: python -m pytest -x -q tests/test_book.py
 """
@@ -60,3 +61,80 @@ def test_appendix_d_training_loop_replayed_within_1e6(tmp_path):
     assert hist["tokens_seen"] == book_tokens
     assert hist["train_loss"] == pytest.approx(book_train, abs=1e-6)
     assert hist["val_loss"] == pytest.approx(book_val, abs=1e-6)
+
+
+# ------------------------------------------------------------------ appendix E: LoRA
+
+def test_appendix_e_lora_layer_output_equals_the_books():
+    app_e = pytest.importorskip("llms_from_scratch.appendix_e")
+    from llm.lora import LoRALinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 5)
+    ours = LoRALinear(lin, rank=4, alpha=8.0, book=True)
+    book = app_e.LinearWithLoRA(lin, rank=4, alpha=8.0)
+    with torch.no_grad():
+        book.lora.A.copy_(torch.randn(12, 4))
+        book.lora.B.copy_(torch.randn(4, 5))
+        ours.A.copy_(book.lora.A)
+        ours.B.copy_(book.lora.B)
+    x = torch.randn(3, 7, 12)
+    torch.testing.assert_close(ours(x), book(x), rtol=0, atol=1e-6)
+    default = LoRALinear(lin, rank=4, alpha=8.0)  # llmpipe's default: alpha / rank
+    assert default.scaling == 2.0 and ours.scaling == 8.0
+    # the book's A init: kaiming uniform per (in, rank) matrix, B zeros: a fresh wrapper changes nothing
+    assert torch.equal(LoRALinear(lin, 4, 8.0, book=True, parts=5)(x), lin(x))
+
+
+def test_appendix_e_separate_qkv_adapters_equal_three_book_layers():
+    """A fused qkv with parts=3 computes what the book's W_query, W_key, W_value LinearWithLoRA layers do."""
+    app_e = pytest.importorskip("llms_from_scratch.appendix_e")
+    from llm.lora import LoRALinear, merge_lora
+
+    torch.manual_seed(1)
+    d, r = 8, 2
+    qkv = torch.nn.Linear(d, 3 * d, bias=False)
+    ours = LoRALinear(qkv, rank=r, alpha=16.0, book=True, parts=3)
+    books = []
+    for i in range(3):
+        lin = torch.nn.Linear(d, d, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(qkv.weight[i * d:(i + 1) * d])
+        b = app_e.LinearWithLoRA(lin, r, 16.0)
+        with torch.no_grad():
+            b.lora.A.copy_(torch.randn(d, r))
+            b.lora.B.copy_(torch.randn(r, d))
+            ours.A[i].copy_(b.lora.A)
+            ours.B[i].copy_(b.lora.B)
+        books.append(b)
+    x = torch.randn(2, 5, d)
+    torch.testing.assert_close(ours(x), torch.cat([b(x) for b in books], dim=-1), rtol=0, atol=1e-5)
+    merged = merge_lora(torch.nn.Sequential(ours))[0]
+    torch.testing.assert_close(merged(x), ours(x), rtol=1e-5, atol=1e-5)  # values ~100: float32 rounding
+
+
+def test_appendix_e_trainable_count_124m_with_2_class_head():
+    """The book's replace_linear_with_lora on its 124M GPTModel + Linear(768, 2) head, and llmpipe's book-mode
+    apply_lora on the same architecture: 2,666,528 trainable parameters at rank 16 (fused: 2,371,616)."""
+    ch04 = pytest.importorskip("llms_from_scratch.ch04")
+    app_e = pytest.importorskip("llms_from_scratch.appendix_e")
+    from llm.model import GPT, GPTConfig
+    from llm.spam import add_classification_head, set_train_mode
+
+    cfg = dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12, drop_rate=0.0,
+               qkv_bias=True)
+    book = ch04.GPTModel(cfg)
+    book.out_head = torch.nn.Linear(768, 2)
+    for p in book.parameters():
+        p.requires_grad = False
+    app_e.replace_linear_with_lora(book, rank=16, alpha=16)
+    book_count = sum(p.numel() for p in book.parameters() if p.requires_grad)
+    del book
+
+    def ours(book_mode: bool) -> int:
+        model = add_classification_head(GPT(GPTConfig(**cfg, tie_weights=False)), 2)
+        set_train_mode(model, "lora", 16, 16.0, ["att", "ff", "out_head"], book=book_mode)
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    assert book_count == ours(True) == 2_666_528
+    assert ours(False) == 2_371_616
