@@ -159,6 +159,7 @@ class SpamConfig(Section):
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between resumable checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     book_compat: bool = Field(False, description="replay the book where it differs (README: book mode): "
+                              "pandas read_csv parsing (5572 rows), padding to max_length and the class read at position -1, "
                               "appendix E LoRA (scaling alpha, separate Q/K/V adapters)")
 
 

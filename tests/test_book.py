@@ -138,3 +138,65 @@ def test_appendix_e_trainable_count_124m_with_2_class_head():
 
     assert book_count == ours(True) == 2_666_528
     assert ours(False) == 2_371_616
+
+
+# ------------------------------------------------------------------ chapter 6
+
+def _sms_file(tmp_path):
+    """An SMS file with a stray quote that pandas' default quoting merges across lines, as in the real data."""
+    lines = []
+    for i in range(40):
+        lines.append(f"spam\tWIN a prize {i}! call 0800 now" if i % 4 == 0 else f"ham\tsee you at {i} o'clock")
+    lines[5] = 'ham\t"Quoted start, ok'  # opens a quoted field: the lines up to the closing quote join it
+    lines[8] = 'ham\tthe end of it"'
+    p = tmp_path / "SMSSpamCollection"
+    p.write_text("\n".join(lines))
+    return p
+
+
+def test_ch06_book_parse_and_split_row_for_row(tmp_path):
+    ch06 = pytest.importorskip("llms_from_scratch.ch06")
+    import pandas as pd
+
+    from llm.spam import balance_and_split, read_sms_collection, read_sms_pandas
+
+    f = _sms_file(tmp_path)
+    df = pd.read_csv(f, sep="\t", header=None, names=["Label", "Text"])
+    book_train, book_val, book_test = ch06.random_split(ch06.create_balanced_dataset(df), 0.7, 0.1)
+    data = read_sms_pandas(f)
+    assert len(data.texts) == len(df) < len(read_sms_collection(f).texts)  # merged lines, as the book reads
+    ours = balance_and_split(data.texts, data.labels, seed=123)
+    for mine, book in zip(ours, (book_train, book_val, book_test)):
+        assert mine["text"].tolist() == book["Text"].tolist()
+        assert mine["label"].tolist() == [("ham", "spam").index(x) for x in book["Label"]]
+
+
+def test_ch06_book_readout_at_minus_one_equals_the_books_logits():
+    """Book mode pads every message to L and reads position -1: the book's model(x)[:, -1, :]."""
+    from llm.model import GPT, GPTConfig
+    from llm.spam import _Batches, add_classification_head, classify_logits
+
+    torch.manual_seed(0)
+    net = add_classification_head(GPT(GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2,
+                                                n_layers=1)), 2).eval()
+    seqs = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
+    ids, lengths, _ = _Batches(seqs, [0, 1, 0], 3, pad_to=8).batch([0, 1, 2], 0)
+    assert ids.shape == (3, 8) and lengths.tolist() == [8, 8, 8]
+    with torch.no_grad():
+        book = net(ids)[:, -1, :]
+        torch.testing.assert_close(classify_logits(net, ids, lengths), book, rtol=0, atol=1e-6)
+        ids2, lengths2, _ = _Batches(seqs, [0, 1, 0], 3).batch([0, 1, 2], 0)  # llmpipe: the true last token
+        assert lengths2.tolist() == [3, 6, 1] and not torch.allclose(classify_logits(net, ids2, lengths2), book)
+
+
+def test_ch06_real_file_gives_the_books_5572_rows():
+    from pathlib import Path
+
+    from llm.spam import read_sms_collection, read_sms_pandas
+
+    f = Path("/work/shared/data/SMSSpamCollection")
+    if not f.is_file():
+        pytest.skip("the shared data mirror is not on this machine")
+    data = read_sms_pandas(f)
+    assert (len(data.texts), data.labels.count(0), data.labels.count(1)) == (5572, 4825, 747)
+    assert len(read_sms_collection(f).texts) == 5574
