@@ -189,7 +189,8 @@ class InstructConfig(Section):
     threads: int = Field(0, ge=0, description="torch threads (0 = cores not already busy)")
     keep_checkpoints: int = Field(2, ge=1)
     book_compat: bool = Field(False, description="replay the book where it differs (README: book mode): "
-                              "appendix E LoRA (scaling alpha, separate Q/K/V adapters)")
+                              "responses prompted without the response header (stripped afterwards), weight decay on every "
+                              "parameter, appendix E LoRA (scaling alpha, separate Q/K/V adapters)")
 
 
 class DpoConfig(Section):

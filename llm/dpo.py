@@ -328,6 +328,7 @@ def _run_dpo(cfg: DpoConfig, data_file: Path, out_dir: Path, base_model: Path, p
     torch.manual_seed(cfg.seed)
     meta = read_config(base_model).get("llmpipe", {})
     prompt_format = meta.get("prompt_format", "alpaca")
+    book = bool(meta.get("book_compat", False))  # the instruct stage's generation, book mode included
     policy = load_model(base_model)
     reference = copy.deepcopy(policy).eval()
     for p in reference.parameters():
@@ -446,7 +447,7 @@ def _run_dpo(cfg: DpoConfig, data_file: Path, out_dir: Path, base_model: Path, p
     policy.eval()
     model_dir = save_model(policy, out_dir / "model", extra={
         "tokenizer": "gpt2", "task": "instruct", "stage": "dpo", "prompt_format": prompt_format, "steps": step,
-        "train_mode": cfg.train_mode, "max_length": max_length, "beta": cfg.beta})
+        "train_mode": cfg.train_mode, "max_length": max_length, "beta": cfg.beta, "book_compat": book})
     artifacts.append(plot_margins(history, out_dir / "reward_margin.png"))
     atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
 
@@ -456,7 +457,7 @@ def _run_dpo(cfg: DpoConfig, data_file: Path, out_dir: Path, base_model: Path, p
     t_gen = time.time()
     for entry in tqdm(test[:limit], desc="dpo responses", unit="record", disable=not progress, dynamic_ncols=True):
         rows.append({**{f: entry[f] for f in ("instruction", "input", "output")},
-                     "response": respond(policy, enc, entry, prompt_format, cfg.max_new_tokens)})
+                     "response": respond(policy, enc, entry, prompt_format, cfg.max_new_tokens, book=book)})
     gen_seconds = time.time() - t_gen
     responses = _write_parquet(pd.DataFrame(rows, columns=["instruction", "input", "output", "response"]),
                                out_dir / "responses.parquet")

@@ -200,3 +200,62 @@ def test_ch06_real_file_gives_the_books_5572_rows():
     data = read_sms_pandas(f)
     assert (len(data.texts), data.labels.count(0), data.labels.count(1)) == (5572, 4825, 747)
     assert len(read_sms_collection(f).texts) == 5574
+
+
+# ------------------------------------------------------------------ chapter 7
+
+CH07_RECORDS = [
+    {"instruction": "Identify the correct spelling of the following word.", "input": "Ocassion",
+     "output": "The correct spelling is 'Occasion.'"},
+    {"instruction": "What is an antonym of 'complicated'?", "input": "", "output": "An antonym is 'simple'."},
+]
+
+
+def test_ch07_prompt_and_collate_equal_the_books():
+    ch07 = pytest.importorskip("llms_from_scratch.ch07")
+    from llm.instruct import collate, encode_examples
+    from llm.prompts import format_input
+    from llm.tokenizer import get_encoding
+
+    enc = get_encoding()
+    for r in CH07_RECORDS:
+        assert format_input(r) == ch07.format_input(r)  # book mode prompts with exactly this text
+    ours_ids, _ = encode_examples(enc, CH07_RECORDS, "alpaca")
+    assert ours_ids == ch07.InstructionDataset(CH07_RECORDS, enc).encoded_texts
+    for max_len in (None, 20):
+        x, y = collate(ours_ids, allowed_max_length=max_len)
+        bx, by = ch07.custom_collate_fn(ours_ids, allowed_max_length=max_len)
+        assert torch.equal(x, bx) and torch.equal(y, by)
+
+
+def test_ch07_book_responses_equal_the_books_generate_and_strip():
+    """respond(book=True): the book's ch05 generate on format_input(entry) (sliding window past the context),
+    then generated_text[len(input_text):].replace("### Response:", "").strip()."""
+    ch05 = pytest.importorskip("llms_from_scratch.ch05")
+    from llm.instruct import respond
+    from llm.model import GPT, GPTConfig
+    from llm.prompts import format_input
+    from llm.tokenizer import get_encoding
+
+    enc = get_encoding()
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=50257, context_length=48, emb_dim=16, n_heads=2, n_layers=1)).eval()
+    for r, n in ((CH07_RECORDS[1], 8), (CH07_RECORDS[0], 30)):  # the second runs past the 48-token context
+        text = format_input(r)
+        ids = ch05.generate(model, ch05.text_to_token_ids(text, enc), n, context_size=48, eos_id=50256)
+        book = ch05.token_ids_to_text(ids, enc)[len(text):].replace("### Response:", "").strip()
+        assert respond(model, enc, r, "alpaca", n, book=True) == book
+    assert len(enc.encode(format_input(CH07_RECORDS[0]))) + 30 > 48
+
+
+def test_ch07_book_mode_decays_every_parameter():
+    from llm.config import InstructConfig
+    from llm.instruct import make_optimizer
+    from llm.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=100, context_length=8, emb_dim=8, n_heads=2, n_layers=1))
+    n = sum(1 for _ in model.parameters())
+    book = make_optimizer(model, InstructConfig(book_compat=True)).param_groups
+    assert len(book) == 1 and len(book[0]["params"]) == n and book[0]["weight_decay"] == 0.1
+    ours = make_optimizer(model, InstructConfig()).param_groups
+    assert [g["weight_decay"] for g in ours] == [0.1, 0.0]
