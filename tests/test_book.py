@@ -259,3 +259,21 @@ def test_ch07_book_mode_decays_every_parameter():
     assert len(book) == 1 and len(book[0]["params"]) == n and book[0]["weight_decay"] == 0.1
     ours = make_optimizer(model, InstructConfig()).param_groups
     assert [g["weight_decay"] for g in ours] == [0.1, 0.0]
+
+
+# ------------------------------------------------------------------ presets that replay the book
+
+def test_book_presets_load_with_book_mode_on():
+    from flows.stages import plan
+    from llm.config import load_config
+
+    spam = load_config("spam-book")
+    assert spam.spam.book_compat and spam.spam.init == "gpt2" and spam.spam.train_mode == "last_block"
+    assert (spam.spam.epochs, spam.spam.batch_size, spam.spam.lr, spam.spam.weight_decay) == (5, 8, 5e-5, 0.1)
+    assert plan(spam, ["spam"]) == ["download", "spam"]  # no pretraining: GPT-2's weights
+    inst = load_config("instruct-book")
+    assert inst.instruct.book_compat and inst.instruct.init == "gpt2-medium" and not inst.instruct.mask_prompt
+    assert (inst.instruct.epochs, inst.instruct.lr, inst.instruct.max_new_tokens) == (2, 5e-5, 256)
+    assert (inst.dpo.beta, inst.dpo.lr, inst.dpo.max_new_tokens) == (0.1, 5e-6, 256)
+    assert inst.judge.prompt == "book"
+    assert plan(inst, ["judge"]) == ["download", "instruct", "dpo", "judge"]
