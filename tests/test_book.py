@@ -277,3 +277,88 @@ def test_book_presets_load_with_book_mode_on():
     assert (inst.dpo.beta, inst.dpo.lr, inst.dpo.max_new_tokens) == (0.1, 5e-6, 256)
     assert inst.judge.prompt == "book"
     assert plan(inst, ["judge"]) == ["download", "instruct", "dpo", "judge"]
+
+
+# ------------------------------------------------------------------ the judge: the book's client against Ollama
+
+class OllamaStandIn:
+    """A real HTTP server on 127.0.0.1 speaking Ollama's native API: GET /api/version, POST /api/chat streaming
+    one JSON object per line (as Ollama does without "stream": false); the score is split over two chunks."""
+
+    def __init__(self, answer: str = "87"):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.bodies: list = []
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code: int, data: bytes, ctype: str = "application/json"):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/api/version":
+                    return self._send(200, b'{"version": "0.5.7"}')
+                self._send(404, b'{"error": "not found"}')
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                outer.bodies.append(body)
+                if self.path != "/api/chat":
+                    return self._send(404, b'{"error": "not found"}')
+                chunks = [answer[:1], answer[1:]]
+                lines = [json.dumps({"model": body["model"], "message": {"role": "assistant", "content": c},
+                                     "done": False}) for c in chunks]
+                lines.append(json.dumps({"model": body["model"], "message": {"role": "assistant", "content": ""},
+                                         "done": True}))
+                self._send(200, ("\n".join(lines) + "\n").encode(), "application/x-ndjson")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_judge_book_prompt_speaks_ollamas_native_api_as_the_book(tmp_path):
+    """prompt=book with an Ollama URL (its /v1 included): the same request body as the book's own
+    ch07.query_model sends, to /api/chat, the streamed answer joined and parsed."""
+    ch07 = pytest.importorskip("llms_from_scratch.ch07")
+    import pandas as pd
+
+    from llm.config import JudgeConfig
+    from llm.judge import run_judge
+    from llm.judge.prompts import book_prompt
+    from llm.judge.remote import OllamaJudge
+    from llm.judge.stage import make_judge
+
+    rec = {"instruction": "What is the capital of France?", "input": "", "output": "Paris.", "response": "Paris"}
+    responses = tmp_path / "r.parquet"
+    pd.DataFrame([rec]).to_parquet(responses)
+    with OllamaStandIn("87") as srv:
+        cfg = JudgeConfig(url=srv.root + "/v1", model="llama3", prompt="book", calibration_sample=0)
+        assert isinstance(make_judge(cfg), OllamaJudge)
+        res = run_judge(cfg, responses, tmp_path / "out", progress=False)
+        assert res.metrics["judge_mean_score"] == 87.0
+        assert ch07.query_model(book_prompt(rec, "Paris"), "llama3", srv.root + "/api/chat") == "87"
+        ours, book = srv.bodies
+    assert ours == book == {"model": "llama3", "messages": [{"role": "user", "content": book_prompt(rec, "Paris")}],
+                            "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}}
+    # a /v1 server that is not Ollama keeps the OpenAI-compatible client
+    from llm.judge.remote import RemoteJudge
+
+    j = make_judge(JudgeConfig(url="http://127.0.0.1:9/v1", model="m", prompt="book", timeout=1))
+    assert type(j) is RemoteJudge
+    j.close()

@@ -180,6 +180,14 @@ def _api_key(cfg: JudgeConfig) -> Optional[str]:
 def make_judge(cfg: JudgeConfig, log_dir: Optional[Path] = None) -> Judge:
     """cfg.url: a RemoteJudge; else the embedded model, in this process (backend auto / transformers)
     or through llama.cpp's llama-server (backend llama-server). Nothing is loaded or started yet."""
+    if cfg.url and cfg.prompt == "book":
+        from llm.judge.remote import OllamaJudge, ollama_root
+
+        root = ollama_root(cfg.url, cfg.timeout)  # bounded by judge.timeout (at most 5 s)
+        if root is not None:  # the book's own client: native /api/chat, the book's options, no constraint
+            return OllamaJudge(root, cfg.model or "", api_key=_api_key(cfg), seed=cfg.seed,
+                               temperature=cfg.temperature, timeout=cfg.timeout, retries=cfg.retries,
+                               backoff=cfg.backoff)
     if cfg.url:
         from llm.judge.remote import RemoteJudge
 
