@@ -8,7 +8,7 @@
 Deployments (flow "llmpipe" = flows.pipeline.pipeline):
   llmpipe/pipeline         the whole chain (stages=["all"])
   llmpipe/<stage>          one per stage (stages=[stage]): download, clean, shard, pretrain,
-                           evaluate, spam, instruct, judge; a stage's run reuses the cached
+                           evaluate, spam, instruct, dpo, judge; a stage's run reuses the cached
                            artifacts of the stages it needs, exactly like `llmpipe run <stage>`.
 Every deployment carries the same parameters: preset, config_file, overrides (--set), mirror,
 corpus, workdir (absolute) and progress=false; change them per run in the UI or with

@@ -1,4 +1,4 @@
-"""The eight stages as data: what each reads, where it writes, and the thin call into llm/.
+"""The nine stages as data: what each reads, where it writes, and the thin call into llm/.
 
 Each `Stage` says which upstream stages it needs for a given config, which upstream outputs
 it reads (their content hashes go into its cache key), and how to call its llm/ function.
@@ -48,6 +48,8 @@ def needed_sources(cfg: PipelineConfig, stages: list[str], requested: tuple[str,
         names.append(cfg.spam.source)
     if "instruct" in stages and _is_source_name(cfg.instruct.data):
         names.append(cfg.instruct.data)
+    if "dpo" in stages and _is_source_name(cfg.dpo.data):
+        names.append(cfg.dpo.data)
     return sorted(dict.fromkeys(names))
 
 
@@ -167,11 +169,20 @@ def _instruct(cfg, up, out, ctx):
                         base_checkpoint=_base_checkpoint(cfg.instruct.init, up), progress=ctx.progress, log=ctx.log)
 
 
+def _dpo(cfg, up, out, ctx):
+    from llm.dpo import run_dpo
+
+    return run_dpo(cfg.dpo, _data_file(cfg.dpo.data, "dpo.data", up), out,
+                   base_model=Path(up["instruct"]["outputs"]["model"]), progress=ctx.progress, log=ctx.log)
+
+
 def _judge(cfg, up, out, ctx):
     from llm.judge import run_judge
 
+    dpo = Path(up["dpo"]["outputs"]["responses"]) if "dpo" in up else None
     return run_judge(cfg.judge, Path(up["instruct"]["outputs"]["responses"]), out,
-                     cache_path=ctx.workdir / "data" / "cache" / "judge.sqlite", progress=ctx.progress, log=ctx.log)
+                     cache_path=ctx.workdir / "data" / "cache" / "judge.sqlite", progress=ctx.progress, log=ctx.log,
+                     dpo_responses=dpo)
 
 
 # --- dependencies and reads ----------------------------------------------------------------------
@@ -199,7 +210,12 @@ STAGE_DEFS: dict[str, Stage] = {
     "instruct": Stage("instruct", "data/artifacts/instruct",
                       lambda c: _finetune_deps(c.instruct.data, c.instruct.init),
                       lambda c: _finetune_reads(c.instruct.data, c.instruct.init), _instruct, resumable=True),
-    "judge": Stage("judge", "data/artifacts/judge", lambda c: ["instruct"], lambda c: [("instruct", "responses")],
+    "dpo": Stage("dpo", "data/artifacts/dpo",
+                 lambda c: ["instruct"] + (["download"] if _is_source_name(c.dpo.data) else []),
+                 lambda c: [("instruct", "model")] + ([("download", c.dpo.data)] if _is_source_name(c.dpo.data) else []),
+                 _dpo, resumable=True),
+    "judge": Stage("judge", "data/artifacts/judge", lambda c: ["instruct"] + (["dpo"] if c.judge.dpo else []),
+                   lambda c: [("instruct", "responses")] + ([("dpo", "responses")] if c.judge.dpo else []),
                    _judge),
 }
 assert tuple(STAGE_DEFS) == STAGES
@@ -240,6 +256,8 @@ def extra_input_hashes(stage: str, cfg: PipelineConfig) -> dict[str, str]:
         out["spam.source"] = sha256_file(local_file_input(cfg.spam.source, "spam.source"))
     if stage == "instruct" and not _is_source_name(cfg.instruct.data):
         out["instruct.data"] = sha256_file(local_file_input(cfg.instruct.data, "instruct.data"))
+    if stage == "dpo" and not _is_source_name(cfg.dpo.data):
+        out["dpo.data"] = sha256_file(local_file_input(cfg.dpo.data, "dpo.data"))
     return out
 
 

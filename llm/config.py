@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PRESET_DIR = Path(__file__).parent / "presets"
-STAGES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "judge")
+STAGES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "dpo", "judge")
 
 
 class ConfigError(ValueError):
@@ -101,6 +101,8 @@ class PretrainConfig(Section):
     lr: float = Field(4e-4, gt=0)
     min_lr: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
+    initial_lr: float = Field(3e-5, ge=0, description="book_compat: the warmup starts at this lr (appendix D); "
+                              "otherwise the warmup is lr * (step + 1) / warmup_steps")
     schedule: Literal["constant", "cosine"] = "cosine"
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -120,7 +122,8 @@ class PretrainConfig(Section):
         False,
         description="replay the book's chapter-5 loop: PyTorch default init right after torch.manual_seed(seed), "
         "weight decay on every parameter, DataLoader-style shuffles drawn from the global RNG, eval after "
-        "optimizer steps 1, 1+eval_every, ... with train loss re-measured on eval_batches train batches",
+        "optimizer steps 1, 1+eval_every, ... with train loss re-measured on eval_batches train batches; "
+        "appendix D's warmup from initial_lr and gradient clipping only after the warmup",
     )
 
 
@@ -155,6 +158,9 @@ class SpamConfig(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = cores actually free)")
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between resumable checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
+    book_compat: bool = Field(False, description="replay the book where it differs (README: book mode): "
+                              "pandas read_csv parsing (5572 rows), padding to max_length and the class read at position -1, "
+                              "appendix E LoRA (scaling alpha, separate Q/K/V adapters)")
 
 
 class InstructConfig(Section):
@@ -182,6 +188,38 @@ class InstructConfig(Section):
     lora_targets: list[str] = Field(default_factory=lambda: ["att", "ff", "out_head"])
     threads: int = Field(0, ge=0, description="torch threads (0 = cores not already busy)")
     keep_checkpoints: int = Field(2, ge=1)
+    book_compat: bool = Field(False, description="replay the book where it differs (README: book mode): "
+                              "responses prompted without the response header (stripped afterwards), weight decay on every "
+                              "parameter, appendix E LoRA (scaling alpha, separate Q/K/V adapters)")
+
+
+class DpoConfig(Section):
+    """The dpo stage (the book's ch07 DPO notebook): preference-tune the instruct model."""
+
+    data: str = Field("instruction_preference",
+                      description="source name in data/sources.yaml, or a JSON/JSONL path of {instruction, input, "
+                      "output, chosen, rejected} records")
+    beta: float = Field(0.1, gt=0, description="DPO beta (the book: 0.1)")
+    max_length: Optional[int] = Field(None, ge=8, description="allowed_max_length (default: the context length)")
+    train_mode: Literal["all", "lora"] = "all"
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_targets: list[str] = Field(default_factory=lambda: ["att", "ff", "out_head"])
+    epochs: int = Field(1, ge=1, description="the book: 1 (DPO collapses when trained longer)")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-6, gt=0, description="the book: 5e-6")
+    weight_decay: float = Field(0.01, ge=0, description="the book: 0.01, on every parameter")
+    eval_every: int = Field(5, ge=1)
+    eval_batches: Optional[int] = Field(5, ge=1, description="batches per split at each eval (the book: 5)")
+    max_steps: Optional[int] = Field(None, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_records: Optional[int] = Field(None, ge=1, description="use only the first N records (after shuffling)")
+    shuffle: bool = Field(False, description="shuffle before the 85/10/5 split; the book does not")
+    test_limit: Optional[int] = Field(None, ge=1, description="generate responses for at most N test records")
+    max_new_tokens: int = Field(256, ge=1, description="response length limit (keep equal to instruct's)")
+    seed: int = 123
+    threads: int = Field(0, ge=0, description="torch threads (0 = cores not already busy)")
 
 
 class JudgeConfig(Section):
@@ -209,6 +247,8 @@ class JudgeConfig(Section):
         "auto", description="how an integer answer is forced to 0-100 on a server (auto: grammar for "
         "llama-server, json_schema for judge.url, dropped if the server rejects it)")
     max_tokens: int = Field(16, ge=1, description="answer length limit in tokens (integer protocols)")
+    dpo: bool = Field(True, description="also score the dpo stage's responses beside instruct's "
+                      "(judge_mean_score_dpo, judge_dpo_win_rate); the judge then needs the dpo stage")
 
 
 class OrchestrationConfig(Section):
@@ -235,6 +275,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     spam: SpamConfig = Field(default_factory=SpamConfig)
     instruct: InstructConfig = Field(default_factory=InstructConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 

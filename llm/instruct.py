@@ -42,7 +42,9 @@ What happens, top to bottom (`run_instruct`):
      cfg.max_new_tokens) for every test record (or the first cfg.test_limit); the prompt is
      cropped from the left when prompt + max_new_tokens would not fit the context; the response
      is the decoded new text, stripped (and any echoed "### Response:" / "<|assistant|>" tag
-     removed, as the book does). Written to responses.parquet (instruction, input, output,
+     removed, as the book does). cfg.book_compat replays the book's chapter 7 instead: the prompt without
+     the response header (stripped from the answer), a sliding window past the context, weight decay on
+     every parameter, appendix E's LoRA. Written to responses.parquet (instruction, input, output,
      response) and responses.json; the finetuned model to out_dir/model with
      extra={"task": "instruct", "prompt_format": ...}; loss.png.
 """
@@ -218,7 +220,7 @@ def prepare_model(cfg: InstructConfig, base_checkpoint: Optional[Path]) -> tuple
     if cfg.train_mode == "lora":
         from llm.lora import apply_lora
 
-        wrapped = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        wrapped = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, book=cfg.book_compat)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -228,7 +230,7 @@ def prepare_model(cfg: InstructConfig, base_checkpoint: Optional[Path]) -> tuple
 def make_optimizer(model: nn.Module, cfg: InstructConfig) -> torch.optim.Optimizer:
     from llm.train import param_groups
 
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.book_compat)  # the book decays every parameter
     try:  # fused: the same update as the book's AdamW, much faster over the embedding on CPU
         return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     except (RuntimeError, ValueError, TypeError):
@@ -275,12 +277,21 @@ class TrainingInterrupted(RuntimeError):
 # Generation
 # --------------------------------------------------------------------------------------------
 
-def respond(model: GPT, enc, entry: dict, prompt_format: str, max_new_tokens: int) -> str:
-    """Greedy response of `model` to one record (KV cache, stop at <|endoftext|>)."""
+def respond(model: GPT, enc, entry: dict, prompt_format: str, max_new_tokens: int, book: bool = False) -> str:
+    """Greedy response of `model` to one record (KV cache, stop at <|endoftext|>).
+
+    book (the book's chapter 7): the prompt is format_input alone, without the response header, never
+    cropped; past the context the window slides token by token as the book's generate does; the response
+    header the model writes is stripped afterwards."""
     from llm.generate import generate
 
-    ids = _encode(enc, format_prompt(entry, prompt_format))
     ctx = model.cfg.context_length
+    if book:
+        ids = _encode(enc, format_input(entry, prompt_format))
+        new = generate(model, ids, max_new_tokens, temperature=0.0, eos_id=EOT_ID,
+                       use_cache=len(ids) + max_new_tokens <= ctx)
+        return extract_response(enc.decode(new), prompt_format)
+    ids = _encode(enc, format_prompt(entry, prompt_format))
     if len(ids) + max_new_tokens > ctx:  # keep the end (the response header) of a long prompt
         ids = ids[-max(ctx - max_new_tokens, ctx // 2):]
     new = generate(model, ids, max_new_tokens, temperature=0.0, eos_id=EOT_ID, use_cache=True)
@@ -297,7 +308,7 @@ def answer(model_dir: str | Path, instruction: str, input: str = "", max_new_tok
     fmt = prompt_format or meta.get("prompt_format", "alpaca")
     model = load_model(model_dir)
     return respond(model, get_encoding(), {"instruction": instruction, "input": input, "output": ""}, fmt,
-                   max_new_tokens)
+                   max_new_tokens, book=bool(meta.get("book_compat", False)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +483,7 @@ def _run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_chec
     test_loss = loader_loss(model, test_ids, test_pl, cfg.batch_size, max_length, None, device)
     model_dir = save_model(model, out_dir / "model", extra={
         "tokenizer": "gpt2", "task": "instruct", "prompt_format": cfg.prompt_format, "steps": step,
-        "train_mode": cfg.train_mode, "max_length": max_length})
+        "train_mode": cfg.train_mode, "max_length": max_length, "book_compat": cfg.book_compat})
     if history["step"]:
         artifacts.append(plot_losses(history, out_dir / "loss.png"))
     atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
@@ -483,7 +494,8 @@ def _run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_chec
     t_gen = time.time()
     for entry in tqdm(test[:limit], desc="instruct responses", unit="record", disable=not progress,
                       dynamic_ncols=True):
-        rows.append({**entry, "response": respond(model, enc, entry, cfg.prompt_format, cfg.max_new_tokens)})
+        rows.append({**entry, "response": respond(model, enc, entry, cfg.prompt_format, cfg.max_new_tokens,
+                                                  book=cfg.book_compat)})
     gen_seconds = time.time() - t_gen
     responses = _write_parquet(pd.DataFrame(rows, columns=[*FIELDS, "response"]), out_dir / "responses.parquet")
     atomic_write_text(out_dir / "responses.json", json.dumps(rows, indent=2, ensure_ascii=False) + "\n")

@@ -10,6 +10,12 @@ A (in_features, rank) initialised kaiming-uniform exactly as the book does and B
 out_features) zeros, so a freshly wrapped model computes exactly what it did before.
 ``scaling = alpha / rank`` (the LoRA paper's convention; the book multiplies by alpha alone).
 
+Book mode (``apply_lora(..., book=True)``, from a recipe's ``book_compat: true``) replays appendix E:
+scaling is ``alpha`` itself, and the fused attention projection ``qkv`` gets three adapters, one per
+Q, K and V slice of its output (the book's separate W_query, W_key, W_value LinearWithLoRA layers):
+``qkv(x) + alpha * concat(x A_q B_q, x A_k B_k, x A_v B_v)``. On GPT-2 124M with a 2-class head at
+rank 16 that is the book's 2,666,528 trainable parameters (one fused adapter: 2,371,616).
+
 Targets name modules by the components of their dotted names in llm.model.GPT:
 ``att`` (both attention projections ``qkv`` and ``out_proj``; ``attn`` is accepted as an
 alias), ``qkv``, ``out_proj``, ``ff`` (``fc1`` and ``fc2``), ``fc1``, ``fc2``, ``out_head``, or
@@ -28,22 +34,35 @@ ALIASES = {"attn": "att"}
 
 
 class LoRALinear(nn.Module):
-    """``linear(x) + (alpha / rank) * (x @ A @ B)`` with the wrapped Linear frozen."""
+    """``linear(x) + scaling * (x @ A @ B)`` with the wrapped Linear frozen; scaling = alpha / rank, or alpha
+    when book. With parts > 1 the output is cut into that many equal slices, each with its own adapter
+    (A: (parts, in, rank), B: (parts, rank, out / parts)), as the book's separate Q, K, V layers."""
 
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, book: bool = False, parts: int = 1):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(linear).__name__}")
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if parts < 1 or linear.out_features % parts:
+            raise ValueError(f"LoRA parts={parts} must divide out_features={linear.out_features}")
         self.linear = linear
         self.rank = int(rank)
         self.alpha = float(alpha)
-        self.scaling = self.alpha / self.rank
+        self.parts = int(parts)
+        self.scaling = self.alpha if book else self.alpha / self.rank
         w = linear.weight
-        self.A = nn.Parameter(torch.empty(linear.in_features, self.rank, dtype=w.dtype, device=w.device))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as in the book's LoRALayer
-        self.B = nn.Parameter(torch.zeros(self.rank, linear.out_features, dtype=w.dtype, device=w.device))
+        kw = dict(dtype=w.dtype, device=w.device)
+        if parts == 1:
+            self.A = nn.Parameter(torch.empty(linear.in_features, self.rank, **kw))
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as in the book's LoRALayer
+            self.B = nn.Parameter(torch.zeros(self.rank, linear.out_features, **kw))
+        else:
+            self.A = nn.Parameter(torch.empty(parts, linear.in_features, self.rank, **kw))
+            with torch.no_grad():
+                for i in range(parts):  # each slice initialised as one book LoRALayer's A
+                    nn.init.kaiming_uniform_(self.A[i], a=math.sqrt(5))
+            self.B = nn.Parameter(torch.zeros(parts, self.rank, linear.out_features // parts, **kw))
         for p in self.linear.parameters():
             p.requires_grad_(False)
 
@@ -60,11 +79,16 @@ class LoRALinear(nn.Module):
         return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.scaling * ((x @ self.A) @ self.B)
+        if self.parts == 1:
+            return self.linear(x) + self.scaling * ((x @ self.A) @ self.B)
+        delta = torch.cat([(x @ self.A[i]) @ self.B[i] for i in range(self.parts)], dim=-1)
+        return self.linear(x) + self.scaling * delta
 
     def delta_weight(self) -> torch.Tensor:
         """The update to the base weight, shaped like it: (out_features, in_features)."""
-        return (self.scaling * (self.A @ self.B)).T
+        if self.parts == 1:
+            return (self.scaling * (self.A @ self.B)).T
+        return torch.cat([(self.scaling * (self.A[i] @ self.B[i])).T for i in range(self.parts)], dim=0)
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear computing the same function (base weight + delta)."""
@@ -78,7 +102,7 @@ class LoRALinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, parts={self.parts}"
 
 
 def _matches(name: str, target: str) -> bool:
@@ -94,8 +118,9 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Iterable[str]) -> list[str]:
-    """Freeze every parameter of `model`, then wrap each targeted nn.Linear in a LoRALinear.
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Iterable[str], book: bool = False) -> list[str]:
+    """Freeze every parameter of `model`, then wrap each targeted nn.Linear in a LoRALinear
+    (book: the appendix-E adapters, scaling alpha and separate Q/K/V adapters on each fused qkv).
 
     Returns the dotted names of the wrapped modules. A target that matches no Linear raises
     ValueError naming it and the Linear layers that exist.
@@ -117,7 +142,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Iterable[str]
         chosen.extend(h for h in hits if h not in chosen)
     modules = dict(linears)
     for name in chosen:
-        _set_submodule(model, name, LoRALinear(modules[name], rank, alpha))
+        parts = 3 if book and name.split(".")[-1] == "qkv" else 1
+        _set_submodule(model, name, LoRALinear(modules[name], rank, alpha, book=book, parts=parts))
     return chosen
 
 

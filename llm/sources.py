@@ -53,7 +53,7 @@ from llm.config import DownloadConfig, yaml_error_message
 from llm.result import MetricLogger, StageResult, log_or_null
 
 log = logging.getLogger("llmpipe")
-KINDS = ("text", "sms_spam", "instructions")
+KINDS = ("text", "sms_spam", "instructions", "preferences")
 MANIFEST_NAME = "download_manifest.json"
 CHUNK = 1 << 16
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -25,6 +25,8 @@ Details that differ from the book on purpose:
   a pad for every message shorter than the longest). With right padding and causal attention
   the real tokens never see the pads, so a batch is padded only up to its own longest
   message: the logits are the same as with padding to L, at a fraction of the compute.
+- Book mode (cfg.book_compat) replays the chapter instead: pandas read_csv parsing (5572 rows),
+  every message padded to L and the class read at position -1, appendix E's LoRA.
 - train_loss / train_accuracy logged during training are running means over the training
   batches since the previous evaluation; val_* are evaluated on up to cfg.eval_batches batches.
 """
@@ -117,6 +119,30 @@ def read_sms_collection(path: str | Path, skip_malformed: bool = False) -> SmsDa
     return data
 
 
+def read_sms_pandas(path: str | Path) -> SmsData:
+    """Book mode: the book's parse, ``pd.read_csv(path, sep="\\t", header=None, names=["Label", "Text"])``.
+
+    Default CSV quoting merges lines at stray quote characters: the real file gives 5572 rows (4825 ham,
+    747 spam) where read_sms_collection gives 5574. A row whose label is not ham/spam, or whose text is
+    missing, raises ValueError naming the file and the 0-based row."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: SMS spam data file not found")
+    try:
+        df = pd.read_csv(path, sep="\t", header=None, names=["Label", "Text"])
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot parse as the book's tab-separated file ({e})") from None
+    data = SmsData(texts=[], labels=[])
+    for i, (label, text) in enumerate(zip(df["Label"], df["Text"])):
+        if label not in LABELS:
+            raise ValueError(f"{path}: row {i}: unknown label {label!r}, expected 'ham' or 'spam'")
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: row {i}: missing message text after label {label!r}")
+        data.texts.append(text)
+        data.labels.append(LABELS.index(label))
+    return data
+
+
 def balance_and_split(texts: Sequence[str], labels: Sequence[int], seed: int = 123,
                       train_frac: float = 0.7, val_frac: float = 0.1
                       ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -193,7 +219,7 @@ def classify_logits(model: GPT, ids: torch.Tensor, lengths: torch.Tensor) -> tor
 
 
 def set_train_mode(model: GPT, mode: str, lora_rank: int = 16, lora_alpha: float = 16.0,
-                   lora_targets: Sequence[str] = ("att", "ff", "out_head")) -> list[str]:
+                   lora_targets: Sequence[str] = ("att", "ff", "out_head"), book: bool = False) -> list[str]:
     """Choose what trains: head | last_block (last block + final_norm + head) | all | lora.
 
     For lora every base weight is frozen and the targeted Linear layers get LoRA adapters;
@@ -213,7 +239,7 @@ def set_train_mode(model: GPT, mode: str, lora_rank: int = 16, lora_alpha: float
     elif mode == "lora":
         from llm.lora import apply_lora
 
-        wrapped = apply_lora(model, lora_rank, lora_alpha, lora_targets)
+        wrapped = apply_lora(model, lora_rank, lora_alpha, lora_targets, book=book)
         trainable = [] if "out_head" in wrapped else [model.out_head]
     else:
         raise ValueError(f"train_mode {mode!r}: expected one of head, last_block, all, lora")
@@ -245,8 +271,9 @@ class _Batches:
     """Batches of (ids, lengths, labels), each padded to its own longest message."""
 
     def __init__(self, seqs: list[list[int]], labels: Sequence[int], batch_size: int,
-                 shuffle: bool = False, drop_last: bool = False, seed: int = 123):
+                 shuffle: bool = False, drop_last: bool = False, seed: int = 123, pad_to: Optional[int] = None):
         self.seqs, self.labels = seqs, torch.as_tensor(list(labels), dtype=torch.long)
+        self.pad_to = pad_to  # book mode: every message padded to L, the class read at position -1
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -275,7 +302,9 @@ class _Batches:
 
     def batch(self, order: list[int], b: int):
         idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-        ids, lengths = pad_batch([self.seqs[i] for i in idx])
+        ids, lengths = pad_batch([self.seqs[i] for i in idx], pad_to=self.pad_to)
+        if self.pad_to is not None:
+            lengths = torch.full_like(lengths, self.pad_to)
         return ids, lengths, self.labels[idx]
 
 
@@ -315,13 +344,14 @@ class Classifier:
     """A trained spam classifier: `predict(texts) -> [(label, probability of that label)]`."""
 
     def __init__(self, model: GPT, max_length: int, labels: Sequence[str] = LABELS, encoding=None,
-                 device: str | torch.device = "cpu", batch_size: int = 32):
+                 device: str | torch.device = "cpu", batch_size: int = 32, read_last_position: bool = False):
         self.model = model.to(device).eval()
         self.max_length = min(int(max_length), model.cfg.context_length)
         self.labels = tuple(labels)
         self.enc = encoding if encoding is not None else _encoding()
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.read_last_position = read_last_position  # book mode: pad to max_length, read position -1
 
     @torch.no_grad()
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
@@ -334,7 +364,10 @@ class Classifier:
                 raise ValueError(f"text {i} is empty; expected a non-empty message")
         out = []
         for b in range(0, len(seqs), self.batch_size):
-            ids, lengths = pad_batch(seqs[b:b + self.batch_size])
+            pad_to = self.max_length if self.read_last_position else None
+            ids, lengths = pad_batch(seqs[b:b + self.batch_size], pad_to=pad_to)
+            if pad_to is not None:
+                lengths = torch.full_like(lengths, pad_to)
             logits = classify_logits(self.model, ids.to(self.device), lengths.to(self.device))
             out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
@@ -366,7 +399,8 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{weights}: weights do not match config.json with a {len(labels)}-class head ({e})") from None
-    return Classifier(model, meta["max_length"], labels, device=device)
+    return Classifier(model, meta["max_length"], labels, device=device,
+                      read_last_position=meta.get("readout") == "position -1 (book)")
 
 
 def classify_file(classifier: Classifier, path: str | Path) -> pd.DataFrame:
@@ -535,7 +569,7 @@ def _run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: 
     t_start = time.time()
 
     # ---- data
-    data = read_sms_collection(data_file, skip_malformed=cfg.skip_malformed)
+    data = read_sms_pandas(data_file) if cfg.book_compat else read_sms_collection(data_file, skip_malformed=cfg.skip_malformed)
     train_df, val_df, test_df = balance_and_split(data.texts, data.labels, seed=cfg.seed)
     artifacts: list[Path] = []
     for name, df in (("train", train_df), ("val", val_df), ("test", test_df)):
@@ -554,15 +588,18 @@ def _run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: 
 
     torch.manual_seed(cfg.seed)
     net = add_classification_head(backbone, len(LABELS))
-    wrapped = set_train_mode(net, cfg.train_mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    wrapped = set_train_mode(net, cfg.train_mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                             book=cfg.book_compat)
     net.to(device)
     params_total = sum(p.numel() for p in {id(p): p for p in net.parameters()}.values())
     trainable = [p for p in net.parameters() if p.requires_grad]
     params_trainable = sum(p.numel() for p in trainable)
 
-    train_b = _Batches(train_ids, train_df["label"], cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed)
-    val_b = _Batches(val_ids, val_df["label"], cfg.batch_size)
-    test_b = _Batches(test_ids, test_df["label"], cfg.batch_size)
+    pad_to = L if cfg.book_compat else None  # book: all padded to L, read at -1 (a pad for shorter messages)
+    train_b = _Batches(train_ids, train_df["label"], cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
+                       pad_to=pad_to)
+    val_b = _Batches(val_ids, val_df["label"], cfg.batch_size, pad_to=pad_to)
+    test_b = _Batches(test_ids, test_df["label"], cfg.batch_size, pad_to=pad_to)
     opt = make_adamw(trainable, cfg.lr, cfg.weight_decay)
 
     total = cfg.epochs * len(train_b)
@@ -682,6 +719,7 @@ def _run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: 
     net.cpu()
     clf_dir = save_model(net, out_dir / "classifier", extra={
         "task": "spam", "labels": list(LABELS), "tokenizer": "gpt2", "max_length": L,
+        "readout": "position -1 (book)" if cfg.book_compat else "last token",
         "train_mode": cfg.train_mode, "test_accuracy": metrics["test_accuracy"]})
     shutil.rmtree(ckpt_root, ignore_errors=True)  # only for resuming; the classifier is the result
     metrics["stage_seconds"] = time.time() - t_start

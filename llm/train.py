@@ -388,8 +388,12 @@ def make_optimizer(model: nn.Module, cfg: PretrainConfig, device: torch.device) 
 
 
 def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant or cosine to min_lr."""
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then constant or cosine to min_lr.
+    Warmup: lr * (step + 1) / warmup_steps; with cfg.book_compat the book's appendix D instead,
+    initial_lr + step * (lr - initial_lr) / warmup_steps (reaching lr at the first step after warmup)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
+        if cfg.book_compat:
+            return cfg.initial_lr + step * (cfg.lr - cfg.initial_lr) / cfg.warmup_steps
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
@@ -833,8 +837,8 @@ def train_loop(cfg: PretrainConfig, shard_dir: Path, out_dir: Path, progress: bo
                 (loss / cfg.grad_accum).backward()
             run_sum += float(loss.detach()) if device.type == "cpu" else loss.detach()
             run_n += 1
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if cfg.grad_clip is not None and not (cfg.book_compat and step < cfg.warmup_steps):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # book: only after warmup (app. D)
         opt.step()
         step += 1
         epoch_step += 1

@@ -27,7 +27,7 @@ def llmpipe(*args, cwd=None, check_rc=None):
 
 @pytest.mark.parametrize("args, rc, line", [
     (["run", "nosuch"], 2, "llmpipe: error: STAGE: unknown stage 'nosuch'; expected one of download, clean, shard, "
-                           "pretrain, evaluate, spam, instruct, judge, all"),
+                           "pretrain, evaluate, spam, instruct, dpo, judge, all"),
     (["run", "--preset", "nope"], 2, "llmpipe: error: --preset 'nope': unknown preset; expected one of "),
     (["run", "--set", "pretrain.lr=abc"], 2, "llmpipe: error: --set: pretrain.lr: Input should be a valid number"),
     (["run", "--set", "pretrain.nosuch=1"], 2, "llmpipe: error: --set: pretrain.nosuch: unknown key"),

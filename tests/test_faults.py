@@ -213,7 +213,7 @@ def test_copied_then_moved_workdir_keeps_its_cache(baseline, tmp_path):
 def test_code_keys_follow_the_real_import_closure(tmp_path):
     from flows.cache import LLM_ROOT, code_version, stage_closure
 
-    stages = ["download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "judge"]
+    stages = ["download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "dpo", "judge"]
     copy = tmp_path / "llm"
     shutil.copytree(LLM_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert {s: code_version(s, copy) for s in stages} == {s: code_version(s) for s in stages}
@@ -229,9 +229,10 @@ def test_code_keys_follow_the_real_import_closure(tmp_path):
         return {s for s in stages if code_version(s, copy) != before[s]}
 
     assert changed_after_editing("evaluate.py") == {"evaluate"}
-    assert changed_after_editing("weights.py") == {"pretrain", "evaluate", "spam", "instruct"}
-    assert changed_after_editing("tokenizer.py") == {"shard", "pretrain", "evaluate", "spam", "instruct"}
-    assert changed_after_editing("prompts.py") == {"instruct", "judge"}  # shared by both, imported by no other
+    assert changed_after_editing("weights.py") == {"pretrain", "evaluate", "spam", "instruct", "dpo"}
+    assert changed_after_editing("tokenizer.py") == {"shard", "pretrain", "evaluate", "spam", "instruct", "dpo"}
+    assert changed_after_editing("prompts.py") == {"instruct", "dpo", "judge"}  # shared by these, imported by no other
+    assert changed_after_editing("dpo.py") == {"dpo"}  # a new stage's module is keyed by its own import closure
     assert changed_after_editing("judge/remote.py") == {"judge"}  # a subpackage's module, loaded lazily
 
 
@@ -261,7 +262,7 @@ def test_edited_module_stales_evaluate_but_not_shard_end_to_end(baseline, tmp_pa
 def test_run_spam_after_download_clean_shard_fetches_nothing(prefect_server, tmp_path):
     wd = write_fixture_workdir(tmp_path)
     first = run(wd, ["download", "clean", "shard"])
-    assert first["stages"]["download"]["metrics"]["files_downloaded"] == 4
+    assert first["stages"]["download"]["metrics"]["files_downloaded"] == 5  # every source the preset uses
     spam = run(wd, ["spam"])
     assert spam["stages"]["download"]["cached"] is True
     assert spam["stages"]["download"]["metrics"]["files_downloaded"] == 0

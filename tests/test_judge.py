@@ -313,6 +313,30 @@ def test_yesno_protocol_from_logprobs(tmp_path, responses):
     assert df["answer"].iloc[1] == "P(yes)=0.9000 P(no)=0.1000" and df["answer"].iloc[3].startswith("empty response: 0")
 
 
+def test_dpo_responses_scored_beside_instruct_with_win_rate(tmp_path, responses):
+    """The dpo stage's responses: one "dpo" item right after each instruct response to the same task;
+    judge_mean_score keeps meaning the instruct responses; the win rate compares the two per task."""
+    dpo = tmp_path / "dpo.parquet"
+    pd.DataFrame([{**RECORDS[1], "response": "Paris."},  # right where instruct was wrong: dpo wins
+                  {**RECORDS[0], "response": "The car is as fast as a bullet."},  # the same answer: a tie
+                  {"instruction": "Unmatched task.", "input": "", "output": "x", "response": "x"}]).to_parquet(dpo)
+    with table_server() as srv:
+        res = run_judge(_cfg(srv.url, prompt="reference", calibration_sample=0), responses, tmp_path / "out",
+                        progress=False, dpo_responses=dpo)
+    m = res.metrics
+    assert m["judge_mean_score"] == m["judge_mean_score_instruct"] == 10.0 and m["judge_scored"] == 3
+    assert m["judge_mean_score_dpo"] == pytest.approx((90 + 10 + 90) / 3) and m["judge_dpo_scored"] == 3
+    assert m["judge_dpo_win_rate"] == 0.75  # record 1: 90 > 10, record 0: 10 = 10; the unmatched one not paired
+    df = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    assert list(zip(df["kind"], df["index"])) == [("model", 0), ("dpo", 0), ("model", 1), ("dpo", 1), ("model", 2),
+                                                  ("dpo", 3)]
+    # without dpo responses the metrics are today's
+    with table_server() as srv:
+        plain = run_judge(_cfg(srv.url, prompt="reference", calibration_sample=0), responses, tmp_path / "plain",
+                          progress=False)
+    assert not any("dpo" in k or k.endswith("_instruct") for k in plain.metrics)
+
+
 def test_unparseable_then_good_retry_is_scored(tmp_path, responses):
     with table_server(retry_answer=" 12.") as srv:
         res = run_judge(_cfg(srv.url, calibration_sample=0), responses, tmp_path / "out", progress=False)

@@ -32,7 +32,7 @@ def _sha(p: Path) -> str:
 
 
 def write_fixture_workdir(root: Path) -> Path:
-    """A workdir with its own sources.yaml: two small texts, an SMS file, instruction records."""
+    """A workdir with its own sources.yaml: two small texts, an SMS file, instruction and preference records."""
     src = root / "upstream"
     src.mkdir(parents=True)
     (src / "a.txt").write_text(_text(1, 1500))
@@ -48,11 +48,13 @@ def write_fixture_workdir(root: Path) -> Path:
     records = [{"instruction": f"Repeat the word {w}.", "input": "" if i % 2 else f"word {i}", "output": f"{w}."}
                for i, w in enumerate(WORDS * 2)]
     (src / "instr.json").write_text(json.dumps(records))
+    prefs = [{**r, "chosen": r["output"], "rejected": f"No. {r['output']}"} for r in records]
+    (src / "pref.json").write_text(json.dumps(prefs))
     wd = root / "work"
     (wd / "data").mkdir(parents=True)
     entries = []
     for name, f, kind in (("text_a", "a.txt", "text"), ("text_b", "b.txt", "text"), ("sms", "sms.tsv", "sms_spam"),
-                          ("instr", "instr.json", "instructions")):
+                          ("instr", "instr.json", "instructions"), ("pref", "pref.json", "preferences")):
         entries.append({"name": name, "url": str(src / f), "file": f, "sha256": _sha(src / f), "kind": kind})
     import yaml
 
@@ -61,7 +63,7 @@ def write_fixture_workdir(root: Path) -> Path:
 
 
 TEST_OVERRIDES = [
-    "clean.sources=[text_a, text_b]", "clean.min_chars=50", "spam.source=sms", "instruct.data=instr",
+    "clean.sources=[text_a, text_b]", "clean.min_chars=50", "spam.source=sms", "instruct.data=instr", "dpo.data=pref",
     "pretrain.model.context_length=16", "pretrain.model.emb_dim=16", "pretrain.model.n_heads=2",
     "pretrain.model.n_layers=1", "pretrain.max_steps=4", "pretrain.batch_size=4", "pretrain.eval_every=2",
     "pretrain.eval_batches=2", "pretrain.checkpoint_every=2",
@@ -179,3 +181,26 @@ def test_which_stages_run_for_three_edits(prefect_server, workdir):
     forced = run(workdir, ["evaluate", "spam"], "spam.lr=1e-4", "clean.min_chars=6000", force=["shard"])
     assert ran(forced) == ["shard"]
     assert forced["stages"]["pretrain"]["artifact_dir"] == edited["stages"]["pretrain"]["artifact_dir"]
+
+
+def test_dpo_stage_after_instruct_cached_and_keyed(prefect_server, workdir):
+    """The dpo stage: its plan (instruct's model + the preference source), the reward margin rising from 0
+    (policy == reference at step 0), a fully cached second run, and a dpo setting re-running dpo alone."""
+    from flows.stages import plan
+    from llm.config import load_config
+
+    cfg = load_config("tiny", overrides=TEST_OVERRIDES)
+    assert plan(cfg, ["judge"])[-3:] == ["instruct", "dpo", "judge"]
+    assert plan(cfg.model_copy(update={"judge": cfg.judge.model_copy(update={"dpo": False})}), ["judge"])[-2:] == \
+        ["instruct", "judge"]
+    extra = ["pretrain.model.context_length=96", "instruct.max_steps=3", "dpo.max_steps=4", "dpo.eval_every=2",
+             "dpo.lr=1e-3", "dpo.test_limit=2"]
+    first = run(workdir, ["dpo"], *extra)
+    assert ran(first) == ["download", "clean", "shard", "pretrain", "instruct", "dpo"]
+    m = first["stages"]["dpo"]["metrics"]
+    assert m["val_reward_margin_start"] == 0.0 and m["val_reward_margin"] > 0.0 and m["steps"] == 4
+    assert {"dpo_train_loss", "dpo_val_loss", "train_reward_margin", "val_reward_accuracy"} <= set(m)
+    out = Path(first["stages"]["dpo"]["artifact_dir"])
+    assert (out / "reward_margin.png").is_file() and (out / "responses.parquet").is_file()
+    assert ran(run(workdir, ["dpo"], *extra)) == []
+    assert ran(run(workdir, ["dpo"], *extra, "dpo.beta=0.5")) == ["dpo"]

@@ -60,7 +60,7 @@ def test_schedule_file_parses_crons_timezone_and_triggers(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("schedules:\n  pretrian: '0 3 * * *'\n",
      "{f}: schedules: unknown deployment 'pretrian'; expected one of pipeline, download, clean, shard, pretrain, "
-     "evaluate, spam, instruct, judge"),
+     "evaluate, spam, instruct, dpo, judge"),
     ("schedules:\n  pretrain: '61 3 * * *'\n", '{f}: schedules.pretrain: Invalid cron string: "61 3 * * *"'),
     ("schedules:\n  pretrain: 3\n", "{f}: schedules.pretrain: expected a cron expression such as \"0 3 * * *\", got 3"),
     ("timezone: Mars/Olympus\n", '{f}: timezone: Invalid timezone: "Mars/Olympus" (specify in IANA tzdata format, '
@@ -175,6 +175,9 @@ FIXTURE_FILES = {  # the source names the tiny preset reads: name -> (file, kind
     "sms_spam": ("sms.tsv", "sms_spam", "ham\tSee you at the station at six\nspam\tWIN a free prize, txt NOW\n"),
     "instruction_data": ("instr.json", "instructions",
                          json.dumps([{"instruction": "Repeat the word fox.", "input": "", "output": "fox."}])),
+    "instruction_preference": ("pref.json", "preferences",
+                               json.dumps([{"instruction": "Repeat the word fox.", "input": "", "output": "fox.",
+                                            "chosen": "fox.", "rejected": "fox, obviously."}])),
 }
 
 
@@ -217,7 +220,7 @@ def test_serve_registers_deployments_with_schedules_and_triggers(api, tmp_path):
                         "--mirror", str(mirror), "--set", "pretrain.epochs=1", "--workdir", str(wd)],
                        capture_output=True, text=True, timeout=300, env=_env(api))
     assert r.returncode == 0, r.stderr
-    assert f"registered 9 deployments at {api}" in r.stdout
+    assert f"registered 10 deployments at {api}" in r.stdout
     assert "llmpipe/pretrain  schedules: 0 3 * * *" in r.stdout
 
     with get_client(sync_client=True) as client:
@@ -227,7 +230,7 @@ def test_serve_registers_deployments_with_schedules_and_triggers(api, tmp_path):
         assert crons == {"pipeline": [("0 2 * * 0", "Europe/Berlin")],
                          "download": [("0 1 * * *", "Europe/Berlin"), ("@weekly", "Europe/Berlin")],
                          "pretrain": [("0 3 * * *", "Europe/Berlin")],
-                         "clean": [], "shard": [], "evaluate": [], "spam": [], "instruct": [], "judge": []}
+                         "clean": [], "shard": [], "evaluate": [], "spam": [], "instruct": [], "dpo": [], "judge": []}
         assert deps["pretrain"].parameters == {
             "stages": ["pretrain"], "preset": "tiny", "config_file": None, "overrides": ["pretrain.epochs=1"],
             "mirror": str(mirror), "corpus": [], "workdir": str(wd), "progress": False}
@@ -339,7 +342,7 @@ def test_prefect_yaml_deploy_and_worker_route(api, tmp_path):
                        text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert "created process work pool 'llmpipe'" in r.stdout
-    assert "registered 9 deployments at " in r.stdout and "start a worker: prefect worker start --pool llmpipe" in r.stdout
+    assert "registered 10 deployments at " in r.stdout and "start a worker: prefect worker start --pool llmpipe" in r.stdout
     with get_client(sync_client=True) as client:
         assert client.read_work_pool("llmpipe").type == "process"
         assert {d.work_pool_name for d in _deployments(client).values()} == {"llmpipe"}

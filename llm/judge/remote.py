@@ -22,6 +22,11 @@ The client (httpx) is deliberately careful:
 - A key sent over plain http to a host that is not loopback gives one warning per process and host.
 Temperature (0) and a seed are always sent (Ollama's /v1 otherwise samples at temperature 1).
 
+OllamaJudge: with prompt=book and a judge.url that is an Ollama server (a path ending in /api or /api/chat,
+or a server answering GET /api/version), the judge talks to Ollama's native /api/chat exactly as the
+book's query_model does: options seed 123, temperature 0, num_ctx 2048, no constraint, the streamed
+message contents joined.
+
 Answers: integer protocols ask for the number (constrained where the server allows it) and parse
 strictly (llm.judge.parse); an unparseable answer is asked once more, then the item is unscored.
 Yes/no protocols ask for one token with logprobs (top 20) and score 100*P(yes)/(P(yes)+P(no)); a
@@ -235,6 +240,67 @@ class RemoteJudge(Judge):
 
     def close(self) -> None:
         self.client.close()
+
+
+OLLAMA_BOOK_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}  # the book's query_model (section 7.8)
+
+
+def ollama_root(url: str, timeout: float = 5.0) -> Optional[str]:
+    """scheme://host:port of an Ollama server at `url` (any path: /v1, /api, /api/chat), else None.
+    A path ending in /api or /api/chat says so; otherwise GET /api/version must answer {"version": ...}."""
+    u = urlsplit(url or "")
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return None
+    root = f"{u.scheme}://{u.netloc}"
+    path = u.path.rstrip("/")
+    if path.endswith("/api") or path.endswith("/api/chat"):
+        return root
+    try:
+        with httpx.Client(timeout=min(timeout, 5.0), trust_env=not is_loopback(u.hostname)) as c:
+            r = c.get(root + "/api/version")
+        return root if r.status_code == 200 and "version" in r.json() else None
+    except (httpx.HTTPError, ValueError, TypeError):
+        return None
+
+
+class OllamaJudge(RemoteJudge):
+    """The book's judge client (section 7.8, query_model): Ollama's native /api/chat with the book's payload,
+    {"model", "messages": [{"role": "user", ...}], "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}},
+    no constraint, the streamed reply's message contents joined. For integer protocols (prompt=book)."""
+
+    def __init__(self, root: str, model: str, api_key: Optional[str] = None, *, seed: Optional[int] = 123,
+                 temperature: float = 0.0, num_ctx: int = 2048, timeout: float = 120.0, retries: int = 3,
+                 backoff: float = 0.5):
+        super().__init__(root.rstrip("/") + "/api", model, api_key, temperature=temperature, seed=seed,
+                         constrain="none", timeout=timeout, retries=retries, backoff=backoff,
+                         identity_kind="ollama")
+        self.url = self.where = self.base_url + "/chat"
+        self.identity = {"judge": "ollama", "url": normalize_url(self.url), "model": model}
+        self.options = {"seed": seed, "temperature": temperature, "num_ctx": num_ctx}
+        if seed is None:
+            del self.options["seed"]
+
+    def params(self, protocol: Protocol) -> dict:
+        return {"api": "ollama-chat", **self.options}
+
+    def _body(self, protocol: Protocol, messages: list[dict]) -> dict:
+        if protocol.answer != "integer":
+            raise JudgeFatal(f"judge {self.url}: Ollama's native chat gives no token probabilities; use the "
+                             f"book or rubric prompt, or its /v1 URL for prompt={protocol.name}")
+        return {"model": self.model, "messages": messages, "options": dict(self.options)}
+
+    def _post_once(self, body: dict) -> httpx.Response:
+        r = super()._post_once(body)
+        if r.status_code != 200:
+            return r
+        # the streamed reply (one JSON object per line, as the book reads it) as one chat completion
+        try:
+            content = "".join(json.loads(line)["message"]["content"] for line in r.text.splitlines() if line.strip())
+        except (ValueError, KeyError, TypeError):
+            return r  # not Ollama's format: chat() reports the body
+        return httpx.Response(200, json={"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                              "content": content}}]},
+                              request=r.request)
 
 
 def _error_message(r: httpx.Response) -> str:

@@ -21,7 +21,10 @@ judge_reference_score, judge_empty_score, judge_wrong_score, judge_auc (the prob
 record's reference outscores the wrong answer given to it; ties count half), judge_calibration_gap
 (reference - empty), judge_requests (requests / forward passes: 0 on a fully cached re-run),
 judge_cache_hits, judge_items, judge_seconds, judge_load_seconds, judge_seconds_per_item (over
-items actually asked). Artifacts: scores.parquet, scores.csv (one row per item), scores_hist.png.
+items actually asked). With the dpo stage's responses (dpo_responses) they are scored as items of kind
+"dpo", each right after the instruct response to the same task, adding judge_mean_score_instruct
+(= judge_mean_score), judge_mean_score_dpo, judge_dpo_scored and judge_dpo_win_rate (the share of tasks
+where the dpo response outscores the instruct one; ties count half). Artifacts: scores.parquet, scores.csv (one row per item), scores_hist.png.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from llm.judge.prompts import Protocol, get_protocol
 from llm.result import MetricLogger, StageResult, log_or_null
 
 FIELDS = ("instruction", "input", "output", "response")
-KINDS = ("model", "reference", "wrong", "empty")
+KINDS = ("model", "reference", "wrong", "empty", "dpo")
 EMPTY_ANSWER = "empty response: 0 by the protocol's rule (judge not asked)"
 
 
@@ -111,6 +114,39 @@ def load_responses(path: str | Path, field: Optional[str] = None) -> list[dict]:
     return out
 
 
+def with_dpo_items(items: list[tuple], records: list[dict], dpo_records: list[dict]) -> list[tuple]:
+    """items plus one ("dpo", index, record, dpo response) per dpo record, right after the instruct response
+    to the same task (matched on instruction and input), so both answers to a task are judged in a row;
+    dpo records without an instruct twin come last, with indexes after the instruct records'."""
+    where = {}
+    for i, r in enumerate(records):
+        where.setdefault((r["instruction"], r["input"]), i)
+    extra: dict[int, tuple] = {}
+    tail = []
+    for d in dpo_records:
+        i = where.get((d["instruction"], d["input"]))
+        if i is not None and i not in extra:
+            extra[i] = ("dpo", i, records[i], d["response"])
+        else:
+            tail.append(("dpo", len(records) + len(tail), d, d["response"]))
+    out = []
+    for it in items:
+        out.append(it)
+        if it[0] == "model" and it[1] in extra:
+            out.append(extra[it[1]])
+    return out + tail
+
+
+def dpo_win_rate(rows: list[dict]) -> Optional[float]:
+    """Share of tasks whose dpo response outscores the instruct response (both scored; ties count 1/2)."""
+    inst = {r["index"]: r["score"] for r in rows if r["kind"] == "model" and r["score"] is not None}
+    pairs = [(r["score"], inst[r["index"]]) for r in rows
+             if r["kind"] == "dpo" and r["score"] is not None and r["index"] in inst]
+    if not pairs:
+        return None
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+
+
 def calibration_items(records: list[dict], n: int) -> list[tuple[str, int, dict, str]]:
     """(kind, record index, record, response) for every model response and the calibration of the first n
     records, ordered record by record (model, reference, wrong, empty) so a judge can reuse a shared prompt."""
@@ -144,6 +180,14 @@ def _api_key(cfg: JudgeConfig) -> Optional[str]:
 def make_judge(cfg: JudgeConfig, log_dir: Optional[Path] = None) -> Judge:
     """cfg.url: a RemoteJudge; else the embedded model, in this process (backend auto / transformers)
     or through llama.cpp's llama-server (backend llama-server). Nothing is loaded or started yet."""
+    if cfg.url and cfg.prompt == "book":
+        from llm.judge.remote import OllamaJudge, ollama_root
+
+        root = ollama_root(cfg.url, cfg.timeout)  # bounded by judge.timeout (at most 5 s)
+        if root is not None:  # the book's own client: native /api/chat, the book's options, no constraint
+            return OllamaJudge(root, cfg.model or "", api_key=_api_key(cfg), seed=cfg.seed,
+                               temperature=cfg.temperature, timeout=cfg.timeout, retries=cfg.retries,
+                               backoff=cfg.backoff)
     if cfg.url:
         from llm.judge.remote import RemoteJudge
 
@@ -193,8 +237,8 @@ def plot_histogram(df: pd.DataFrame, path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = list(range(0, 101, 10))
     bins[-1] = 100.001
-    for kind, color in (("model", "tab:blue"), ("reference", "tab:green"), ("wrong", "tab:orange"),
-                        ("empty", "tab:red")):
+    for kind, color in (("model", "tab:blue"), ("dpo", "tab:purple"), ("reference", "tab:green"),
+                        ("wrong", "tab:orange"), ("empty", "tab:red")):
         s = df.loc[(df["kind"] == kind) & df["score"].notna(), "score"].astype(float)
         if len(s):
             ax.hist(s, bins=bins, alpha=0.55, color=color, label=f"{kind} (n={len(s)}, mean {s.mean():.1f})",
@@ -304,8 +348,9 @@ def score_items(judge: Judge, protocol: Protocol, items: list[tuple], cache: Jud
 
 def run_judge(cfg: JudgeConfig, responses: Path, out_dir: Path, cache_path: Optional[Path] = None,
               progress: bool = True, log: Optional[MetricLogger] = None, field: Optional[str] = None,
-              judge: Optional[Judge] = None) -> StageResult:
-    """Score every response (cfg.limit first ones) plus the calibration items; see the module docstring."""
+              judge: Optional[Judge] = None, dpo_responses: Optional[Path] = None) -> StageResult:
+    """Score every response (cfg.limit first ones) plus the calibration items; see the module docstring.
+    dpo_responses (the dpo stage's responses.parquet): its responses are scored too, as items of kind "dpo"."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -314,6 +359,11 @@ def run_judge(cfg: JudgeConfig, responses: Path, out_dir: Path, cache_path: Opti
         records = records[:cfg.limit]
     protocol = get_protocol(cfg.prompt)
     items = calibration_items(records, cfg.calibration_sample)
+    if dpo_responses is not None:
+        dpo_records = load_responses(dpo_responses)
+        if cfg.limit is not None:
+            dpo_records = dpo_records[:cfg.limit]
+        items = with_dpo_items(items, records, dpo_records)
     own = judge is None
     judge = judge if judge is not None else make_judge(cfg, out_dir)
     cache = JudgeCache(cache_path)
@@ -344,6 +394,10 @@ def run_judge(cfg: JudgeConfig, responses: Path, out_dir: Path, cache_path: Opti
                "judge_requests": judge.calls, "judge_cache_hits": sum(r["cached"] for r in rows),
                "judge_items": len(rows), "judge_seconds": time.monotonic() - t0, "judge_load_seconds": load_s,
                "judge_seconds_per_item": (sum(asked) / len(asked)) if asked else None}
+    if dpo_responses is not None:  # judge_mean_score keeps its meaning: the instruct stage's responses
+        metrics.update({"judge_mean_score_instruct": _mean(by["model"]), "judge_mean_score_dpo": _mean(by["dpo"]),
+                        "judge_dpo_scored": sum(s is not None for s in by["dpo"]),
+                        "judge_dpo_win_rate": dpo_win_rate(rows)})
     where = judge.identity.get("url") or "embedded"
     return StageResult(
         metrics={k: float(v) for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))},
