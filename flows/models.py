@@ -21,7 +21,7 @@ from flows.cache import RECORD as MARKER
 from flows.cache import verify_files
 from flows.stages import STAGE_DEFS
 
-OUTPUT_NAME = {"pretrain": "checkpoint", "spam": "classifier", "instruct": "model"}
+OUTPUT_NAME = {"pretrain": "checkpoint", "spam": "classifier", "instruct": "model", "dpo": "model"}
 
 
 def _from_marker(artifact_dir: Path, stage: str) -> Optional[Path]:

@@ -25,7 +25,7 @@ import mlflow.models
 import mlflow.pyfunc
 
 
-KINDS = {"pretrain": "generate", "spam": "classify", "instruct": "ask"}
+KINDS = {"pretrain": "generate", "spam": "classify", "instruct": "ask", "dpo": "ask"}
 DEFAULT_PARAMS = {
     "generate": {"max_new_tokens": 50, "temperature": 0.0, "top_k": 0, "top_p": 0.0, "seed": -1},
     "classify": {},

@@ -27,10 +27,10 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-MODEL_STAGES = ("pretrain", "spam", "instruct")
-MODEL_OUTPUT = {"pretrain": "checkpoint", "spam": "classifier", "instruct": "model"}
+MODEL_STAGES = ("pretrain", "spam", "instruct", "dpo")
+MODEL_OUTPUT = {"pretrain": "checkpoint", "spam": "classifier", "instruct": "model", "dpo": "model"}
 BEST_BY = {"pretrain": ("val_perplexity", "min"), "spam": ("test_accuracy", "max"),
-           "instruct": ("judge_mean_score", "max")}
+           "instruct": ("judge_mean_score", "max"), "dpo": ("val_reward_accuracy", "max")}  # dpo rates itself
 RATED_BY = {"evaluate": "pretrain", "spam": "spam", "judge": "instruct"}  # stage whose metric rates which model
 ALIASES = ("latest", "best")
 _LOCK = threading.Lock()  # MLflow's model logging reads the process-wide tracking URI
