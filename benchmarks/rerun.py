@@ -89,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = [bench(s, args.mirror, args.repeat) for s in args.setups.split(",")]
     load = os.getloadavg()[0]
-    print(f"tiny pipeline (8 stages), {os.cpu_count()} cores, load {load:.1f}; medians of {args.repeat}")
+    print(f"tiny pipeline (all stages), {os.cpu_count()} cores, load {load:.1f}; medians of {args.repeat}")
     print(f"{'setup':10s} {'first run':>10s} {'all cached':>11s} {'ratio':>6s} {'1 stage cached':>15s}")
     for r in rows:
         print(f"{r['setup']:10s} {r['first']:9.1f}s {r['cached']:10.1f}s {r['cached'] / r['first']:6.2f} "
