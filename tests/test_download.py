@@ -284,7 +284,7 @@ def test_load_sources_errors(tmp_path):
     assert load_sources(write_sources(yml, [good]))["a"].file == "a.txt"
     cases = [
         ({**good, "sha256": "abc"}, r"source 'a' \(sources\[0\]\): field 'sha256': expected 64 hex digits"),
-        ({**good, "kind": "video"}, r"field 'kind': expected one of text, sms_spam, instructions, got 'video'"),
+        ({**good, "kind": "video"}, r"field 'kind': expected one of text, sms_spam, instructions, preferences, got 'video'"),
         ({**good, "file": "../a.txt"}, r"field 'file': expected a relative path without '\.\.'"),
         ({k: v for k, v in good.items() if k != "url"}, r"field 'url': expected a non-empty string, got None"),
         ({**good, "urll": "x"}, r"unknown field\(s\) \['urll'\]"),
@@ -304,7 +304,9 @@ def test_load_sources_errors(tmp_path):
 
 def test_repo_sources_yaml():
     sources = load_sources(Path(__file__).parent.parent / "data" / "sources.yaml")
-    assert {"the_verdict", "sms_spam", "instruction_data", "gutenberg_alice", "gutenberg_pride",
-            "gutenberg_two_cities", "gutenberg_middlemarch", "gutenberg_moby_dick", "gutenberg_jane_eyre"} == set(sources)
+    assert {"the_verdict", "sms_spam", "instruction_data", "instruction_preference", "gutenberg_alice",
+            "gutenberg_pride", "gutenberg_two_cities", "gutenberg_middlemarch", "gutenberg_moby_dick",
+            "gutenberg_jane_eyre"} == set(sources)
+    assert sources["instruction_preference"].kind == "preferences"
     assert sources["sms_spam"].member == "SMSSpamCollection" and sources["sms_spam"].kind == "sms_spam"
     assert sources["the_verdict"].sha256 == "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"

@@ -81,7 +81,9 @@ def test_parallel_sweep_gives_the_sequential_results(prefect_server, tmp_path, m
     out = {}
     for parallel in (1, 2):
         wd = write_fixture_workdir(tmp_path / f"p{parallel}")
-        args = argparse.Namespace(stages=["spam"], preset="tiny", config_file=None, overrides=list(TEST_OVERRIDES),
+        # the same thread counts in both (automatic ones follow the machine's load, and the last bits with them)
+        overrides = list(TEST_OVERRIDES) + ["pretrain.threads=1", "spam.threads=1"]
+        args = argparse.Namespace(stages=["spam"], preset="tiny", config_file=None, overrides=overrides,
                                   mirror=None, corpus=[], workdir=str(wd), name=None, parallel=parallel,
                                   no_progress=True)
         monkeypatch.setenv("LLMPIPE_PREFECT", "ephemeral")
