@@ -69,7 +69,7 @@ def bench(setup: str, mirror: str, repeat: int) -> dict:
             assert summary_cached(stdout), "a re-run was not fully cached"
             walls.append(wall)
             phases.append(ph)
-        out["cached"] = statistics.median(walls)
+        out["cached"] = statistics.median_low(walls)
         out["cached_all"] = walls
         out["cached_phases"] = phases[walls.index(out["cached"])]
         single = [llmpipe(["run", "spam", "--mirror", mirror, "--no-progress", "--json"], wd, env)[0]
