@@ -47,7 +47,6 @@ from flows.stages import STAGE_DEFS, extra_input_hashes, source_entries_hash, so
 
 CODE_SALT = "llmpipe-cache-v2"
 RECORD = ".llmpipe-stage.json"
-MARKER = RECORD  # the old name, kept for callers
 SOURCE_RECORDS = ".llmpipe"  # data/raw/.llmpipe/<source>.json
 RECORD_VERSION = 2
 LLM_ROOT = Path(llm.__file__).resolve().parent
@@ -231,8 +230,6 @@ def record_path(workdir: Path, stage: str, key: str) -> Path:
     return artifact_dir(workdir, stage, key) / RECORD
 
 
-marker_path = record_path  # the old name
-
 
 def source_record_path(raw_dir: Path, name: str) -> Path:
     return Path(raw_dir) / SOURCE_RECORDS / f"{name}.json"
@@ -345,9 +342,6 @@ def check_stage(workdir: Path, stage: str, key: str, full: bool = False,
                      output_hashes=rec["output_hashes"], metrics=rec["metrics"], run_id=rec.get("run_id", ""),
                      seconds=rec.get("seconds", 0.0), params=rec.get("params", {})), ""
 
-
-def is_complete(workdir: Path, stage: str, key: str, **kw) -> bool:
-    return check_stage(workdir, stage, key, **kw)[0] is not None
 
 
 # --- raw downloads: one record per source -------------------------------------------------------------------

@@ -47,7 +47,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,7 +58,7 @@ from prefect.runtime import flow_run
 
 from flows import scaleout
 from flows.cache import (StageInfo, artifact_dir, check_stage, describe_outputs, drop_source_records, input_hashes,
-                         remove_stale_partials, section_for_key, stage_key, verify_files, write_record,
+                         remove_stale_partials, section_for_key, stage_key, write_record,
                          write_source_records)
 from flows.isolate import CONCURRENT, Share, finetune_shares, run_body
 from flows.stages import STAGE_DEFS, StageContext, needed_sources, plan, resolve  # noqa: F401 (resolve: re-exported)
@@ -66,7 +66,6 @@ from flows import registry, report
 from flows.tracking import (SystemMetrics, get_tracker, git_commit, log_datasets, override_pairs, reserved_tags,
                             pipeline_run_name, process_tags, run_url, summary_points)
 from llm.config import PipelineConfig
-from llm.fsutil import atomic_write_text
 
 DATA_STAGES = ("clean", "shard")  # the stages orchestration.task_runner applies to
 HEADLINE = {

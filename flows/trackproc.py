@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import struct
 import subprocess
 import sys
 import threading
@@ -26,20 +25,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from flows import timing
-
-
-def _send(out, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    out.write(struct.pack("<Q", len(data)) + data)
-    out.flush()
+from flows.isolate import _recv as isolate_recv
+from flows.isolate import _send
 
 
 def _recv(inp) -> Any:
-    head = inp.read(8)
-    if len(head) < 8:
+    """flows.isolate's framing (8-byte length + pickle); a closed pipe is EOFError here."""
+    msg = isolate_recv(inp)
+    if msg is None:
         raise EOFError("the tracking process closed its pipe")
-    (n,) = struct.unpack("<Q", head)
-    return pickle.loads(inp.read(n))
+    return msg
 
 
 def _picklable(e: BaseException) -> BaseException:
