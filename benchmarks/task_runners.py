@@ -18,15 +18,8 @@ clusters with many cores, where the ratio is what this prints on them.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-# benchmarks/tokenize.py would shadow the standard library's `tokenize` (here and in the spawned
-# Dask workers, which inherit sys.path): drop this folder from the path first.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
+import os
 import shutil
 import tempfile
 import time

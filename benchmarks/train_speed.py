@@ -32,9 +32,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-# This folder holds benchmarks/tokenize.py, which would shadow the standard library's `tokenize`.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402

@@ -19,8 +19,8 @@ regex caches), a later one warm; on a 6 MB corpus the cold cost is a large share
 run it is not. Both ratios are printed: llmpipe run_shard vs the fastest raw path, cold and warm.
 The token ids of llmpipe's shards are checked against tiktoken's for the same text.
 
-    python benchmarks/tokenize.py [--data ../shared/data/gutenberg] [--repeats 3] [--workers N]
-    python benchmarks/tokenize.py --scale 100 400        # peak RSS of run_shard at 100 and 400 MB of input
+    python benchmarks/tokenize_speed.py [--data ../shared/data/gutenberg] [--repeats 3] [--workers N]
+    python benchmarks/tokenize_speed.py --scale 100 400        # peak RSS of run_shard at 100 and 400 MB of input
 
 --workers defaults to every allowed core, like the raw batch API's threads (the stage's own default,
 workers 0, takes only the cores the load average leaves free: fewer on a busy machine).
@@ -35,10 +35,6 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, this file's folder is sys.path[0] and its name would shadow the standard
-# library's `tokenize` module (imported by logging/linecache): drop that entry first.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 import argparse
 import json
