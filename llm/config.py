@@ -280,7 +280,7 @@ class JudgeConfig(Section):
     prompt: Literal["reference", "rubric", "book"] = Field(
         "reference", description="judge protocol: reference (yes/no, scored 100*P(yes)), rubric (integer), "
         "book (the book's prompt, integer)")
-    temperature: float = 0.0
+    temperature: float = Field(0.0, ge=0, description="sampling temperature sent to the judge (0 = greedy)")
     seed: int = 123
     concurrency: int = Field(1, ge=1, description="parallel requests to a remote judge (judge.url)")
     retries: int = Field(3, ge=0, description="retries per request on connection errors, timeouts, 5xx, 429")
