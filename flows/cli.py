@@ -376,6 +376,9 @@ def cmd_classify(args) -> int:
             rows.append({"text": text, "label": label, "probability": prob})
     if args.file:
         df = classify_file(clf, Path(args.file))
+        if df.empty:
+            raise UsageError(f"--file {args.file}: no messages to classify (expected one message per line, "
+                             "or a 'text' column)")
         rows.extend(df.to_dict("records"))
     if args.json:
         print(json.dumps(rows))

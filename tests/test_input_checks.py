@@ -16,6 +16,7 @@ import torch
 
 from flows.cli import main
 from llm import config
+from llm.checkpoint import save_model
 from llm.clean import run_clean
 from llm.config import CleanConfig, ConfigError, load_config
 from llm.dpo import load_preference_records
@@ -23,6 +24,7 @@ from llm.generate import generate
 from llm.instruct import load_records
 from llm.judge.stage import load_responses
 from llm.model import GPT, GPTConfig
+from llm.spam import add_classification_head
 
 REC = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
 PREF = {**REC, "chosen": "Blue.", "rejected": "No."}
@@ -58,6 +60,21 @@ def test_sampling_and_message_flags(capsys, tmp_path, args, line):
     # --checkpoint points nowhere: the flags must be rejected before any model is looked for.
     rc, lines = cli(capsys, *args, "--checkpoint", str(tmp_path / "none"))
     assert (rc, lines) == (2, [f"llmpipe: error: {line}"])
+
+
+def test_classify_an_empty_file(capsys, tmp_path):
+    torch.manual_seed(0)
+    model = add_classification_head(GPT(GPTConfig(context_length=16, emb_dim=16, n_heads=2, n_layers=1))).eval()
+    save_model(model, tmp_path / "clf", extra={"task": "spam", "labels": ["ham", "spam"], "tokenizer": "gpt2",
+                                               "max_length": 16})
+    blank = tmp_path / "sms.txt"
+    blank.write_text("\n  \n")
+    rc, lines = cli(capsys, "classify", "--file", str(blank), "--checkpoint", str(tmp_path / "clf"))
+    assert (rc, lines) == (2, [f"llmpipe: error: --file {blank}: no messages to classify (expected one message per "
+                               "line, or a 'text' column)"])
+    blank.write_text("free prize, call now\n")
+    rc, _ = cli(capsys, "classify", "--file", str(blank), "--checkpoint", str(tmp_path / "clf"))
+    assert rc == 0
 
 
 def test_generate_library_names_the_argument():
