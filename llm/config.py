@@ -5,7 +5,9 @@ flow runs them: task runner, Dask address, concurrent finetunes; never part of a
 config_hash, since results do not depend on it). It is built from a
 preset YAML shipped in `llm/presets/` (``--preset NAME``), then an optional user YAML
 (``--config FILE``), then ``--set a.b=value`` overrides, in that order, and validated
-once. Unknown keys and wrong types are errors that name the field.
+once, whole (model shape included), so a bad value fails before any stage runs. Unknown keys,
+wrong types and values out of range are one-line errors naming the field and the layer that
+introduced it: the preset or --config file (with the line, when the file has the key), or --set.
 
     from llm.config import load_config
     cfg = load_config("tiny", overrides=["pretrain.lr=1e-3"])
@@ -44,7 +46,7 @@ NAMED_CONFIGS: dict[str, dict] = {
 }
 NAMED_CONFIGS["gpt2"] = NAMED_CONFIGS["gpt2-small"]
 GPT2_VOCAB = 50257  # the GPT-2 tokenizer's vocabulary (GPTConfig's default vocab_size)
-GPT2_CONTEXT = 1024  # GPTConfig's default context_length: every released GPT-2 size (init: gpt2*)
+GPT2_CONTEXT = 1024  # GPTConfig's default context_length
 
 
 class FieldError(ValueError):
@@ -542,5 +544,8 @@ def load_config(
 
 
 if __name__ == "__main__":
-    cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else "tiny", overrides=sys.argv[2:])
+    try:
+        cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else "tiny", overrides=sys.argv[2:])
+    except ConfigError as e:  # one line, no traceback
+        sys.exit(f"llm.config: error: {e}")
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
