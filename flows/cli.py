@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -305,14 +306,32 @@ def _model_dir(args, stage: str) -> Path:
     return resolve_model_dir(args.run_id, args.checkpoint, Path(args.workdir), stage)
 
 
+def check_sampling_args(args) -> None:
+    """generate's sampling flags, before any model is loaded: --max-new-tokens >= 0 (0: the prompt's
+    tokens only), --temperature >= 0 (0 = greedy), --top-k >= 1 (leave it out for no top-k filter),
+    0 < --top-p <= 1."""
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens: expected a non-negative integer, got {args.max_new_tokens}")
+    if not 0.0 <= args.temperature < math.inf:
+        raise UsageError(f"--temperature: expected a number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k: expected an integer >= 1 (leave --top-k out for no top-k filter), "
+                         f"got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top-p: expected a number in (0, 1], got {args.top_p}")
+
+
 def cmd_generate(args) -> int:
-    import torch
+    check_sampling_args(args)  # before torch and the model load
+    import torch  # lazy: torch costs seconds of startup that other commands do not need
 
     from llm.generate import generate
     from llm.tokenizer import get_encoding
 
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens: expected a non-negative integer, got {args.max_new_tokens}")
+    enc = get_encoding()
+    prompt_ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"})
+    if not prompt_ids:
+        raise UsageError("--prompt: expected a non-empty prompt")
     from llm.train import free_cores
 
     torch.set_num_threads(free_cores())  # oversubscribed cores slow single-token steps many times over
@@ -324,10 +343,6 @@ def cmd_generate(args) -> int:
         from llm.checkpoint import load_model
 
         model = load_model(_model_dir(args, "pretrain"))
-    enc = get_encoding()
-    prompt_ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"})
-    if not prompt_ids:
-        raise UsageError("--prompt: expected a non-empty prompt")
     with torch.no_grad():
         new = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed)
@@ -345,6 +360,15 @@ def cmd_classify(args) -> int:
 
     if not args.texts and not args.file:
         raise UsageError("classify: give one or more TEXT arguments or --file F")
+    for i, text in enumerate(args.texts, start=1):
+        if not text.strip():
+            raise UsageError(f"TEXT {i}: expected a non-empty message")
+    if args.file:
+        f = Path(args.file)
+        if not f.exists():
+            raise UsageError(f"--file {args.file}: file not found")
+        if not f.is_file():
+            raise UsageError(f"--file {args.file}: expected a file, got a folder")
     clf = load_classifier(_model_dir(args, "spam"))
     rows = []
     if args.texts:
@@ -352,6 +376,9 @@ def cmd_classify(args) -> int:
             rows.append({"text": text, "label": label, "probability": prob})
     if args.file:
         df = classify_file(clf, Path(args.file))
+        if df.empty:
+            raise UsageError(f"--file {args.file}: no messages to classify (expected one message per line, "
+                             "or a 'text' column)")
         rows.extend(df.to_dict("records"))
     if args.json:
         print(json.dumps(rows))
@@ -362,6 +389,10 @@ def cmd_classify(args) -> int:
 
 
 def cmd_ask(args) -> int:
+    if not args.instruction.strip():
+        raise UsageError("INSTRUCTION: expected a non-empty instruction")
+    if args.max_new_tokens < 1:  # 0 would answer nothing at all
+        raise UsageError(f"--max-new-tokens: expected an integer >= 1, got {args.max_new_tokens}")
     from llm.instruct import answer
 
     text = answer(_model_dir(args, "instruct"),

@@ -14,6 +14,8 @@ style of datatrove: each step takes and yields records, and says why it drops on
     strip_whitespace     trailing whitespace of every line, leading blank lines and trailing
                          whitespace of the document
     drop_short           drop documents under cfg.min_chars characters   (reason "too_short")
+    drop_no_text         drop documents without a letter, or with more control characters (NUL, ...)
+                         than letters: binary data that happens to decode  (reason "no_text")
     drop_duplicates      drop exact duplicates by hash of the text       (reason "duplicate") [cfg.dedup]
 
 A `DropCounter` collects drops per reason; every reason appears in the stage metrics as
@@ -52,7 +54,9 @@ from llm.config import CleanConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 
 CORPUS_SUFFIXES = (".txt", ".md", ".jsonl")
-DROP_REASONS = ("too_short", "duplicate")
+DROP_REASONS = ("too_short", "no_text", "duplicate")
+LETTER_RE = re.compile(r"[^\W\d_]")  # a letter of any script
+JUNK_RE = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")  # control characters (not \t \n \v \f \r), U+FFFD
 SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string())])
 ROW_GROUP_CHARS = 32 << 20  # flush a Parquet row group at this many text characters ...
 ROW_GROUP_ROWS = 1024  # ... or this many documents
@@ -251,6 +255,24 @@ def drop_short(min_chars: int, counter: DropCounter) -> Step:
     return step
 
 
+def has_text(text: str) -> bool:
+    """Whether a document is text: it has a letter, and no more control characters than letters."""
+    if LETTER_RE.search(text) is None:
+        return False
+    junk = len(JUNK_RE.findall(text))
+    return junk == 0 or junk <= len(LETTER_RE.findall(text))
+
+
+def drop_no_text(counter: DropCounter) -> Step:
+    def step(records: Iterable[Record]) -> Iterator[Record]:
+        for r in records:
+            if not has_text(r.text):
+                counter.drop("no_text", r)
+                continue
+            yield r
+    return step
+
+
 def drop_duplicates(counter: DropCounter) -> Step:
     def step(records: Iterable[Record]) -> Iterator[Record]:
         seen: set[bytes] = set()
@@ -283,6 +305,7 @@ def document_steps(cfg: CleanConfig, counter: DropCounter) -> list[Step]:
         steps.append(collapse_blank_lines)
     steps.append(strip_whitespace)
     steps.append(drop_short(cfg.min_chars, counter))
+    steps.append(drop_no_text(counter))
     return steps
 
 
@@ -447,8 +470,9 @@ def run_clean(cfg: CleanConfig, inputs: dict[str, Path], out_dir: Path, progress
         writer.close()
         if stats["documents_out"] == 0:
             reasons = ", ".join(f"{k}={v}" for k, v in counter.dropped.items())
+            named = ", ".join(str(p) for p, _ in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
             raise ValueError(f"clean: no documents left after cleaning {stats['documents_in']} input document(s) "
-                             f"(dropped: {reasons}; min_chars={cfg.min_chars})")
+                             f"(dropped: {reasons}; min_chars={cfg.min_chars}) of {named}")
         os.replace(tmp, final)
     finally:
         if tmp.exists():
@@ -471,5 +495,8 @@ def run_clean(cfg: CleanConfig, inputs: dict[str, Path], out_dir: Path, progress
 if __name__ == "__main__":
     if len(sys.argv) < 3:
         sys.exit("usage: python -m llm.clean OUT_DIR FILE_OR_FOLDER_OR_GLOB ...")
-    res = run_clean(CleanConfig(corpus=sys.argv[2:]), {}, Path(sys.argv[1]))
+    try:
+        res = run_clean(CleanConfig(corpus=sys.argv[2:]), {}, Path(sys.argv[1]))
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        sys.exit(f"llm.clean: error: {e}")
     print(json.dumps(res.metrics, indent=2))

@@ -5,7 +5,9 @@ flow runs them: task runner, Dask address, concurrent finetunes; never part of a
 config_hash, since results do not depend on it). It is built from a
 preset YAML shipped in `llm/presets/` (``--preset NAME``), then an optional user YAML
 (``--config FILE``), then ``--set a.b=value`` overrides, in that order, and validated
-once. Unknown keys and wrong types are errors that name the field.
+once, whole (model shape included), so a bad value fails before any stage runs. Unknown keys,
+wrong types and values out of range are one-line errors naming the field and the layer that
+introduced it: the preset or --config file (with the line, when the file has the key), or --set.
 
     from llm.config import load_config
     cfg = load_config("tiny", overrides=["pretrain.lr=1e-3"])
@@ -23,10 +25,38 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 STAGES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "dpo", "judge")
+
+# The named model shapes (llm/model.py's GPTConfig.named uses these). They live here, without torch, so
+# that a config can be checked whole before any stage runs.
+NAMED_CONFIGS: dict[str, dict] = {
+    # OpenAI GPT-2 sizes (context 1024, qkv bias, tied output head as released).
+    "gpt2-small": dict(emb_dim=768, n_layers=12, n_heads=12),
+    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),
+    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),
+    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),
+    # The book's GPT_CONFIG_124M (chapter 4), and its chapter-5 pretraining variant with context 256.
+    "gpt2-124m": dict(emb_dim=768, n_layers=12, n_heads=12, context_length=1024, qkv_bias=False,
+                      tie_weights=False, drop_rate=0.1),
+    "gpt2-124m-256": dict(emb_dim=768, n_layers=12, n_heads=12, context_length=256, qkv_bias=False,
+                          tie_weights=False, drop_rate=0.1),
+}
+NAMED_CONFIGS["gpt2"] = NAMED_CONFIGS["gpt2-small"]
+GPT2_VOCAB = 50257  # the GPT-2 tokenizer's vocabulary (GPTConfig's default vocab_size)
+GPT2_CONTEXT = 1024  # GPTConfig's default context_length
+
+
+class FieldError(ValueError):
+    """A check that spans fields, raised inside a model validator: `path` is the field at fault relative
+    to the model being validated (load_config prefixes the section and finds its line in the YAML)."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
 
 
 class ConfigError(ValueError):
@@ -80,14 +110,37 @@ class ShardConfig(Section):
 
 class ModelConfigSection(Section):
     name: Optional[str] = Field("gpt2-small", description="named base config (gpt2-small/medium/large/xl, gpt2-124m-256)")
-    vocab_size: Optional[int] = None
-    context_length: Optional[int] = None
-    emb_dim: Optional[int] = None
-    n_heads: Optional[int] = None
-    n_layers: Optional[int] = None
-    drop_rate: Optional[float] = None
+    vocab_size: Optional[int] = Field(None, ge=1)
+    context_length: Optional[int] = Field(None, ge=1)
+    emb_dim: Optional[int] = Field(None, ge=1)
+    n_heads: Optional[int] = Field(None, ge=1)
+    n_layers: Optional[int] = Field(None, ge=1)
+    drop_rate: Optional[float] = Field(None, ge=0.0, lt=1.0)
     qkv_bias: Optional[bool] = None
     tie_weights: Optional[bool] = None
+
+    def shape(self) -> dict:
+        """The resolved shape fields: the named base (with GPTConfig's defaults) plus the fields given;
+        without a name, only the fields given."""
+        given = self.model_dump(exclude={"name"}, exclude_none=True)
+        if not self.name:
+            return given
+        return {"vocab_size": GPT2_VOCAB, "context_length": GPT2_CONTEXT, **NAMED_CONFIGS[self.name], **given}
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> "ModelConfigSection":
+        if self.name is not None and self.name not in NAMED_CONFIGS:
+            raise FieldError("name", f"unknown model config {self.name!r}; expected one of "
+                             f"{', '.join(sorted(NAMED_CONFIGS))}")
+        s = self.shape()
+        if "emb_dim" in s and "n_heads" in s and s["emb_dim"] % s["n_heads"]:
+            at = "n_heads" if self.n_heads is not None else "emb_dim"
+            raise FieldError(at, f"expected emb_dim divisible by n_heads, got emb_dim={s['emb_dim']}, "
+                             f"n_heads={s['n_heads']}")
+        if s.get("vocab_size", GPT2_VOCAB) < GPT2_VOCAB:
+            raise FieldError("vocab_size", f"expected >= {GPT2_VOCAB} (the GPT-2 tokenizer's vocabulary), "
+                             f"got {s['vocab_size']}")
+        return self
 
 
 class PretrainConfig(Section):
@@ -229,7 +282,7 @@ class JudgeConfig(Section):
     prompt: Literal["reference", "rubric", "book"] = Field(
         "reference", description="judge protocol: reference (yes/no, scored 100*P(yes)), rubric (integer), "
         "book (the book's prompt, integer)")
-    temperature: float = 0.0
+    temperature: float = Field(0.0, ge=0, description="sampling temperature sent to the judge (0 = greedy)")
     seed: int = 123
     concurrency: int = Field(1, ge=1, description="parallel requests to a remote judge (judge.url)")
     retries: int = Field(3, ge=0, description="retries per request on connection errors, timeouts, 5xx, 429")
@@ -279,6 +332,11 @@ class PipelineConfig(Section):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> "PipelineConfig":
+        check_pipeline(self)
+        return self
+
     def section(self, stage: str) -> Section:
         return getattr(self, stage)
 
@@ -291,6 +349,23 @@ class PipelineConfig(Section):
         """sha256 of what decides the results: every section but orchestration."""
         data = self.model_dump(mode="json", exclude={"orchestration"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def check_pipeline(cfg: PipelineConfig) -> None:
+    """Checks that span fields or sections, run on every validated PipelineConfig (so before any stage
+    runs): a FieldError naming the field path and what was expected. (spam/instruct/dpo max_length above
+    the model's context length is not an error: those stages use min(max_length, context length), as
+    documented, and the tests shrink pretrain.model.context_length under the presets' max_length.)"""
+    p = cfg.pretrain
+    if p.init is None and not p.model.name:
+        missing = [f for f in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+                   if getattr(p.model, f) is None]
+        if missing:
+            raise FieldError(f"pretrain.model.{missing[0]}", "expected a value when pretrain.model.name is "
+                             f"null (set {', '.join('pretrain.model.' + m for m in missing)}, or a name)")
+    if p.book_compat and p.nproc > 1:
+        raise FieldError("pretrain.nproc", f"expected 1 with pretrain.book_compat (the book's single-process "
+                         f"loop), got {p.nproc}")
 
 
 def yaml_error_message(path: Path, e: yaml.YAMLError) -> str:
@@ -313,11 +388,16 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml_text(path: Path) -> tuple[dict, str]:
+    """(the mapping, the file's text) of a preset or --config file; one-line ConfigError otherwise."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: expected a YAML file, got a folder") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
     try:
@@ -325,10 +405,33 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as e:
         raise ConfigError(yaml_error_message(path, e)) from None
     if data is None:
-        return {}
+        return {}, text
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of stage sections at the top level, got {type(data).__name__}")
-    return data
+    return data, text
+
+
+def _read_yaml(path: Path) -> dict:
+    return _read_yaml_text(path)[0]
+
+
+def yaml_line(text: str, path: list[str]) -> Optional[int]:
+    """1-based line of the deepest key of `path` (a dotted field path, split) that the YAML text has."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in path:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == part:
+                line, node = key.start_mark.line + 1, value
+                break
+        else:
+            break
+    return line
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -374,16 +477,37 @@ def _apply_override(data: dict, path: list[str], value: Any, item: str) -> None:
     cur[path[-1]] = value
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
+def _first_error(err: ValidationError) -> tuple[str, str]:
+    """(dotted field path, message) of a validation error's first problem."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = [str(p) for p in first["loc"]]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):  # a check across fields: it names the field itself
+        return ".".join([*loc, cause.path]), cause.message
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     got = first.get("input")
     got_s = "" if first["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+    return ".".join(loc), msg + got_s
+
+
+def _format_validation_error(err: ValidationError, origin: str, text: Optional[str] = None) -> str:
+    """"ORIGIN: field.path: what was expected (got X)", with " (line N)" when origin is a YAML file whose
+    text has the field."""
+    path, msg = _first_error(err)
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{origin}: {loc}: {msg}{got_s}{more}"
+    line = yaml_line(text, path.split(".")) if text is not None and path else None
+    return f"{origin}: {path}: {msg}{more}" + (f" (line {line})" if line else "")
+
+
+def _error_path(data: dict) -> Optional[str]:
+    """The field path of the first problem of `data` as a PipelineConfig, or None when it is valid."""
+    try:
+        PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        return _first_error(e)[0]
+    return None
 
 
 def load_config(
@@ -391,27 +515,37 @@ def load_config(
     config_file: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
 ) -> PipelineConfig:
-    """Resolve preset → config file → --set overrides into one validated PipelineConfig."""
+    """Resolve preset → config file → --set overrides into one validated PipelineConfig.
+
+    A problem is blamed on the first layer where it appears: the preset file, the --config file (both
+    with the line of the field when the file has it), or --set."""
     preset_path = PRESET_DIR / f"{preset}.yaml"
     if not preset_path.exists():
         raise ConfigError(f"--preset {preset!r}: unknown preset; expected one of {', '.join(list_presets())}")
-    data = _read_yaml(preset_path)
-    origin = f"preset {preset}"
+    data, text = _read_yaml_text(preset_path)
+    layers = [(str(preset_path), text, copy.deepcopy(data))]
     if config_file is not None:
-        data = _deep_merge(data, _read_yaml(Path(config_file)))
-        origin = str(config_file)
+        extra, text = _read_yaml_text(Path(config_file))
+        data = _deep_merge(data, extra)
+        layers.append((str(config_file), text, copy.deepcopy(data)))
     for item in overrides:
         path, value = parse_override(item)
         _apply_override(data, path, value, item)
-        origin = "--set"
     data.setdefault("preset", preset)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        # Name the first source that introduces the bad key when we can.
-        raise ConfigError(_format_validation_error(e, origin)) from None
+        bad = _first_error(e)[0]
+        for origin, text, layer in layers:
+            layer.setdefault("preset", preset)
+            if _error_path(layer) == bad:
+                raise ConfigError(_format_validation_error(e, origin, text)) from None
+        raise ConfigError(_format_validation_error(e, "--set")) from None
 
 
 if __name__ == "__main__":
-    cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else "tiny", overrides=sys.argv[2:])
+    try:
+        cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else "tiny", overrides=sys.argv[2:])
+    except ConfigError as e:  # one line, no traceback
+        sys.exit(f"llm.config: error: {e}")
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

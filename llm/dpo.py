@@ -58,6 +58,7 @@ from llm.config import DpoConfig
 from llm.fsutil import save_figure
 from llm.model import EOT_ID, GPT
 from llm.prompts import format_input, format_prompt
+from llm.records import read_records
 from llm.result import MetricLogger, StageResult, log_or_null
 
 FIELDS = ("instruction", "input", "output", "chosen", "rejected")
@@ -81,37 +82,13 @@ def _check_record(rec, where: str) -> dict:
 
 
 def load_preference_records(path: str | Path) -> list[dict]:
-    """Read and validate preference records from a JSON list or a JSONL file (one object per line).
+    """Read and validate preference records from a JSON list or a JSONL file (one object per line;
+    llm/records.py decides which by parsing the whole file as JSON first).
 
     Errors name the file, the record index (0-based), for JSONL the line (1-based), and the field:
     ``pref.json: record 7: missing field 'rejected' (expected a string)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: preference data file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    records: list[dict] = []
-    stripped = text.lstrip()
-    if path.suffix.lower() in (".jsonl", ".ndjson") or (stripped and not stripped.startswith("[")):
-        for ln, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {ln}: record {len(records)}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            records.append(_check_record(rec, where))
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        records = [_check_record(rec, f"{path}: record {i}") for i, rec in enumerate(data)]
+    rows = read_records(path, "preference data")
+    records = [_check_record(rec, rows.where(i)) for i, rec in enumerate(rows)]
     if not records:
         raise ValueError(f"{path}: no preference records")
     return records

@@ -11,6 +11,7 @@ context_length tokens, so long generations stay correct.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -18,9 +19,21 @@ import torch
 from llm.model import EOT_ID, GPT
 
 
+def check_sampling(temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None) -> None:
+    """ValueError naming the argument unless temperature >= 0 (0 = greedy), top_k >= 1 or None (no top-k
+    filter), 0 < top_p <= 1 or None."""
+    if not 0.0 <= temperature < math.inf:
+        raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected an integer >= 1 or None (no top-k filter), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected a number in (0, 1] or None, got {top_p}")
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Pick the next token id (batch,) from last-position logits (batch, vocab)."""
+    check_sampling(temperature, top_k, top_p)
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -42,6 +55,9 @@ def generate(model: GPT, prompt: Sequence[int] | torch.Tensor, max_new_tokens: i
              top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = EOT_ID,
              use_cache: bool = True, seed: Optional[int] = None) -> list[int]:
     """Continue one prompt; returns the new token ids (stops after eos_id, which is not returned)."""
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens}")
     ids = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
     if ids.shape[1] == 0:
         raise ValueError("generate: the prompt has no tokens")

@@ -72,6 +72,7 @@ from llm.fsutil import save_figure
 from llm.model import EOT_ID, GPT
 from llm.prompts import (ALPACA_PREAMBLE, RESPONSE_HEADER, _check_format, extract_response,  # noqa: F401 (re-exported)
                          format_example, format_input, format_prompt)
+from llm.records import read_records
 from llm.result import MetricLogger, StageResult, log_or_null
 
 FIELDS = ("instruction", "input", "output")
@@ -96,38 +97,13 @@ def _check_record(rec, where: str) -> dict:
 
 
 def load_records(path: str | Path) -> list[dict]:
-    """Read and validate instruction records from a JSON list or a JSONL file (one object per line).
+    """Read and validate instruction records from a JSON list or a JSONL file (one object per line;
+    llm/records.py decides which by parsing the whole file as JSON first).
 
     Errors name the file, the record index (0-based) and for JSONL the line (1-based), and the field:
     ``data.jsonl: line 3: record 2: field 'input' must be a string, got int``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: instruction data file not found")
-    text = path.read_text(encoding="utf-8")
-    records: list[dict] = []
-    jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
-    if not jsonl:
-        stripped = text.lstrip()
-        if stripped and not stripped.startswith("["):
-            jsonl = True  # not a JSON list: read it as JSON Lines
-    if jsonl:
-        for ln, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {ln}: record {len(records)}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            records.append(_check_record(rec, where))
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        records = [_check_record(rec, f"{path}: record {i}") for i, rec in enumerate(data)]
+    rows = read_records(path, "instruction data")
+    records = [_check_record(rec, rows.where(i)) for i, rec in enumerate(rows)]
     if not records:
         raise ValueError(f"{path}: no instruction records")
     return records

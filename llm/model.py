@@ -26,21 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EOT_ID = 50256
+from llm.config import NAMED_CONFIGS  # the named shapes live with the config (no torch) to be checked up front
 
-NAMED_CONFIGS: dict[str, dict] = {
-    # OpenAI GPT-2 sizes (context 1024, qkv bias, tied output head as released).
-    "gpt2-small": dict(emb_dim=768, n_layers=12, n_heads=12),
-    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),
-    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),
-    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),
-    # The book's GPT_CONFIG_124M (chapter 4), and its chapter-5 pretraining variant with context 256.
-    "gpt2-124m": dict(emb_dim=768, n_layers=12, n_heads=12, context_length=1024, qkv_bias=False,
-                      tie_weights=False, drop_rate=0.1),
-    "gpt2-124m-256": dict(emb_dim=768, n_layers=12, n_heads=12, context_length=256, qkv_bias=False,
-                          tie_weights=False, drop_rate=0.1),
-}
-NAMED_CONFIGS["gpt2"] = NAMED_CONFIGS["gpt2-small"]
+EOT_ID = 50256
 
 
 @dataclass

@@ -101,7 +101,8 @@ def test_run_clean_counts_and_parquet(tmp_path):
     ]
     # jane's body (26 chars) and "short" are too short; the copy and jsonl line 3 are duplicates.
     assert res.metrics == {"documents_in": 7, "documents_out": 3, "chars_out": float(sum(len(r["text"]) for r in rows)),
-                           "dropped_too_short": 2, "dropped_duplicate": 2, "gutenberg_stripped": 3}
+                           "dropped_too_short": 2, "dropped_no_text": 0, "dropped_duplicate": 2,
+                           "gutenberg_stripped": 3}
     report = json.loads((out / "clean_report.json").read_text())
     assert report["sources"]["notes"] == {"documents_in": 4, "documents_out": 2, "chars_out": len(lines[0]["text"]) +
                                           len(lines[3]["text"]), "dropped_too_short": 1, "dropped_duplicate": 1}
@@ -111,7 +112,7 @@ def test_run_clean_counts_and_parquet(tmp_path):
 def test_run_clean_nothing_left_and_missing_source(tmp_path):
     f = write(tmp_path / "a.txt", "tiny")
     with pytest.raises(ValueError, match=r"no documents left after cleaning 1 input document\(s\) "
-                                         r"\(dropped: too_short=1, duplicate=0; min_chars=100\)"):
+                                         r"\(dropped: too_short=1, no_text=0, duplicate=0; min_chars=100\) of .*a.txt$"):
         run_clean(CleanConfig(corpus=[str(f)]), {}, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "documents.parquet").exists()
     assert [p.name for p in (tmp_path / "out").iterdir()] == []

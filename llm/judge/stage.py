@@ -46,6 +46,7 @@ from llm.fsutil import save_figure
 from llm.judge.base import Judge, JudgeError, JudgeFatal, Verdict
 from llm.judge.cache import JudgeCache
 from llm.judge.prompts import Protocol, get_protocol
+from llm.records import read_records
 from llm.result import MetricLogger, StageResult, log_or_null
 
 FIELDS = ("instruction", "input", "output", "response")
@@ -71,28 +72,8 @@ def load_responses(path: str | Path, field: Optional[str] = None) -> list[dict]:
             raise ValueError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
         where = lambda i: f"{path}: row {i}"  # noqa: E731
     else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if path.suffix.lower() in (".jsonl", ".ndjson"):
-            rows, lines = [], []
-            for ln, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}: line {ln}: invalid JSON ({e.msg})") from None
-                    lines.append(ln)
-            where = lambda i: f"{path}: line {lines[i]}: record {i}"  # noqa: E731
-        else:
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-            if not isinstance(rows, list):
-                raise ValueError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
-            where = lambda i: f"{path}: record {i}"  # noqa: E731
+        rows = read_records(path, "responses")
+        where = rows.where
     out = []
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
