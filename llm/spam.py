@@ -44,7 +44,6 @@ import io
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llm.checkpoint import atomic_write_bytes, load_model, save_model
+from llm.checkpoint import atomic_write_bytes, save_model
 from llm.config import SpamConfig, parse_overrides
 from llm.lora import apply_lora, merge_lora
 from llm.model import GPT
@@ -64,8 +63,8 @@ from llm.spam_data import (LABELS, MALFORMED_REASONS, PAD_ID, Batches, SmsData, 
 from llm.spam_infer import (BOOK_READOUT, Classifier, add_classification_head, classify_file,
                             classify_logits, last_token_hidden, load_classifier)
 from llm.tokenizer import get_encoding
-from llm.train import _rng_json, _rng_tensors, free_cores, resume_finetune, save_checkpoint
-from llm.weights import load_pretrained
+from llm.training import (TrainingInterrupted, TrainState, load_base, make_adamw, pick_device, stop_hook,
+                          torch_threads)
 
 _Batches = Batches  # the name tests/test_book.py imports
 
@@ -88,49 +87,42 @@ def run_spam(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: O
     Returns metrics (accuracies, test F1/precision/recall, the TF-IDF baseline, split counts),
     artifacts (split parquets, test_predictions.parquet, loss/accuracy/confusion PNGs) and
     outputs {"classifier": out_dir/"classifier"} (load it with load_classifier).
-    Runs with cfg.threads torch threads (0 = the cores not already busy; oversubscribed
-    cores slow small-matrix training by an order of magnitude), restored afterwards.
+    Runs with cfg.threads torch threads (0 = the cores this process may use: its CPU affinity),
+    restored afterwards.
     Every cfg.checkpoint_every steps the run saves out_dir/checkpoints/step-N (weights, optimizer,
     RNG, position in the data); running again with the same out_dir resumes from the newest one
     and ends exactly where the uninterrupted run would have (the checkpoints are deleted at the end).
     `stop_after` (tests) raises TrainingInterrupted after that optimizer step, as a kill would.
     """
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or free_cores())  # llm.train.free_cores: affinity minus load
-    try:
-        return _recipe(cfg, data_file, Path(out_dir), base_checkpoint, progress, log_or_null(log), stop_after)
-    finally:
-        torch.set_num_threads(old_threads)
-
-
-def _recipe(cfg: SpamConfig, data_file: Path, out_dir: Path, base_checkpoint: Optional[Path],
-            progress: bool, log: MetricLogger, stop_after: Optional[int]) -> StageResult:
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    log = log_or_null(log)
     t_start = time.time()
-    data, frames, artifacts = prepare_data(cfg, data_file, out_dir)
-    backbone = load_backbone(cfg, base_checkpoint)
-    device = _device()
-    ids, L = encode_splits(frames, cfg.max_length, backbone.cfg.context_length)
-    net, wrapped = prepare_model(cfg, backbone, device)
-    batches = make_batches(cfg, frames, ids, L)
-    opt = make_adamw([p for p in net.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
-    identity = resume_identity(cfg, ids["train"], frames["train"], net)
-    run = train(cfg, net, opt, batches, device, out_dir / "checkpoints", identity, log, progress, stop_after)
-
-    metrics, test_pred, test_prob = final_metrics(cfg, net, frames, batches, device)
-    metrics.update(data_metrics(data, frames, L))
-    metrics.update(model_metrics(net, run))
-    if cfg.baseline:
-        acc, f1 = tfidf_baseline(frames["train"], frames["test"], cfg.seed)
-        metrics["baseline_test_accuracy"], metrics["baseline_test_f1"] = acc, f1
-    artifacts += write_outputs(cfg, run.history, frames["test"], test_pred, test_prob,
-                               metrics["test_accuracy"], out_dir)
-    clf_dir = export_classifier(cfg, net, wrapped, L, metrics["test_accuracy"], out_dir)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # only for resuming; the classifier is the result
+    with torch_threads(cfg.threads):
+        data, frames, artifacts = prepare_data(cfg, data_file, out_dir)
+        backbone = load_base(cfg.init, base_checkpoint, "spam")
+        device = pick_device("auto")
+        ids, L = encode_splits(frames, cfg.max_length, backbone.cfg.context_length)
+        net, wrapped = prepare_model(cfg, backbone, device)
+        batches = make_batches(cfg, frames, ids, L)
+        # weight decay on every trainable parameter, one group (the book's AdamW; as spam always did)
+        opt = make_adamw(net, cfg.lr, cfg.weight_decay, decay_all=True)
+        identity = resume_identity(cfg, ids["train"], frames["train"], net)
+        run = train(cfg, net, opt, batches, device, out_dir / "checkpoints", identity, log, progress, stop_after)
+        metrics, test_pred, test_prob = final_metrics(cfg, net, frames, batches, device)
+        metrics.update(data_metrics(data, frames, L))
+        metrics.update(model_metrics(net, run))
+        if cfg.baseline:
+            acc, f1 = tfidf_baseline(frames["train"], frames["test"], cfg.seed)
+            metrics["baseline_test_accuracy"], metrics["baseline_test_f1"] = acc, f1
+        artifacts += write_outputs(cfg, run.history, frames["test"], test_pred, test_prob,
+                                   metrics["test_accuracy"], out_dir)
+        clf_dir = export_classifier(cfg, net, wrapped, L, metrics["test_accuracy"], out_dir)
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # only for resuming; the classifier is the result
+        threads = torch.get_num_threads()
     metrics["stage_seconds"] = time.time() - t_start
-    params = {"max_length": L, "train_mode": cfg.train_mode, "lora_modules": len(wrapped),
-              "backbone": cfg.init, "device": str(device), "threads": torch.get_num_threads(),
-              "resumed_from_step": run.resumed_from}
+    params = {"max_length": L, "train_mode": cfg.train_mode, "lora_modules": len(wrapped), "backbone": cfg.init,
+              "device": str(device), "threads": threads, "resumed_from_step": run.resumed_from}
     return StageResult(metrics=metrics, params=params, artifacts=artifacts, outputs={"classifier": clf_dir})
 
 
@@ -187,15 +179,6 @@ def encode_splits(frames: dict[str, pd.DataFrame], max_length: Optional[int], co
             "test": encode_texts(enc, frames["test"]["text"], L)}, L
 
 
-def load_backbone(cfg: SpamConfig, base_checkpoint: Optional[Path]) -> GPT:
-    """The GPT to finetune: the pretrain stage's checkpoint, or llm.weights.load_pretrained(cfg.init)."""
-    if cfg.init == "pretrain":
-        if base_checkpoint is None:
-            raise ValueError("spam.init is 'pretrain' but no pretrain checkpoint was given (base_checkpoint=None)")
-        return load_model(base_checkpoint)
-    return load_pretrained(cfg.init)
-
-
 def prepare_model(cfg: SpamConfig, backbone: GPT, device: torch.device) -> tuple[GPT, list[str]]:
     """The backbone with a fresh (seeded) 2-class head and cfg.train_mode's trainable parameters,
     on device; also the names of the modules wrapped with LoRA adapters."""
@@ -246,50 +229,16 @@ def make_batches(cfg: SpamConfig, frames: dict[str, pd.DataFrame], ids: dict[str
             "test": Batches(ids["test"], frames["test"]["label"], cfg.batch_size, pad_to=pad_to)}
 
 
-def make_adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, fused where torch supports it (on CPU ~10x faster over a 50257-row embedding)."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
 
-class TrainingInterrupted(RuntimeError):
-    """Raised by the `stop_after` test hook, as if the run had been killed after that step."""
-
-
-STATE_VERSION = 1
-
-
-@dataclass
-class RunState:
-    """Where the finetune stands: optimizer steps, position in the data, running sums since the
-    last evaluation, the evaluation history and the training seconds of earlier (resumed) runs."""
-
-    step: int = 0
-    epoch: int = 0
-    epoch_step: int = 0
-    run_loss: float = 0.0
-    run_correct: int = 0
-    run_n: int = 0
-    history: list[dict] = field(default_factory=list)
-    train_time: float = 0.0
-    resumed_from: Optional[int] = None
-
-
 def resume_identity(cfg: SpamConfig, train_ids: list[list[int]], train_df: pd.DataFrame, net: GPT) -> dict:
-    """What a checkpoint must match to be resumed: state version, config (minus knobs that do not
-    change the result), the training data and the model config."""
-    return {"version": STATE_VERSION,
-            "config": cfg.model_dump(mode="json", exclude={"threads", "checkpoint_every", "keep_checkpoints",
+    """What a checkpoint must match to be resumed: the config (minus knobs that do not change the
+    result), the training data and the model config (TrainState.load also checks the state version)."""
+    return {"config": cfg.model_dump(mode="json", exclude={"threads", "checkpoint_every", "keep_checkpoints",
                                                            "baseline"}),
             "data": hashlib.sha256(json.dumps([train_ids, train_df["label"].tolist()]).encode()).hexdigest(),
             "model_config": net.cfg.to_dict()}
@@ -302,39 +251,44 @@ def total_steps(cfg: SpamConfig, steps_per_epoch: int) -> int:
 
 def train(cfg: SpamConfig, net: GPT, opt: torch.optim.Optimizer, batches: dict[str, Batches],
           device: torch.device, ckpt_root: Path, identity: dict, log: MetricLogger, progress: bool,
-          stop_after: Optional[int]) -> RunState:
+          stop_after: Optional[int]) -> TrainState:
     """The finetune loop, resumed from the newest checkpoint in ckpt_root if there is one: an
     evaluation every cfg.eval_every steps (and after the last), a checkpoint every cfg.checkpoint_every."""
-    run = load_state(ckpt_root, identity, net, opt, device)
+    st = TrainState.load(ckpt_root, net, opt, device, identity, "spam") or TrainState(history=[], sums=_zero_sums())
     train_b, total = batches["train"], total_steps(cfg, len(batches["train"]))
     net.train()
-    t_train = time.time()
-    bar = tqdm(total=total, initial=run.step, desc="spam finetune", disable=not progress, unit="step")
-    while run.step < total:
-        order = train_b.epoch_order(run.epoch)  # the same batches as an uninterrupted run's
-        for b in range(run.epoch_step, len(train_b)):
-            train_step(net, opt, train_b.batch(order, b), device, run)
-            run.epoch_step = b + 1
+    t_mark = time.time()
+    bar = tqdm(total=total, initial=st.step, desc="spam finetune", disable=not progress, unit="step")
+    while st.step < total:
+        order = train_b.epoch_order(st.epoch)  # the same batches as an uninterrupted run's
+        for b in range(st.epoch_step, len(train_b)):
+            train_step(net, opt, train_b.batch(order, b), device, st)
+            st.epoch_step = b + 1
             bar.update(1)
-            if run.step % cfg.eval_every == 0:
-                rec = eval_running(net, batches["val"], device, cfg.eval_batches, run, log)
+            if st.step % cfg.eval_every == 0:
+                rec = eval_running(net, batches["val"], device, cfg.eval_batches, st, log)
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val_acc=f"{rec['val_accuracy']:.3f}")
-            if run.step % cfg.checkpoint_every == 0 and run.step < total:
-                save_state(ckpt_root, run, time.time() - t_train, identity, net, opt, device, cfg.keep_checkpoints)
-            if stop_after is not None and stop_after <= run.step < total:
-                raise TrainingInterrupted(f"spam stopped after step {run.step} (test hook)")
-            if run.step >= total:
+            if st.step % cfg.checkpoint_every == 0 and st.step < total:
+                st.train_time, t_mark = st.train_time + (time.time() - t_mark), time.time()
+                st.save(ckpt_root, net, opt, cfg.keep_checkpoints, identity, "spam", device)
+            stop_hook(stop_after, st.step, total, "spam")
+            if st.step >= total:
                 break
         else:
-            run.epoch, run.epoch_step = run.epoch + 1, 0
-    if run.run_n:
-        eval_running(net, batches["val"], device, cfg.eval_batches, run, log)
+            st.epoch, st.epoch_step = st.epoch + 1, 0
+    if st.sums["n"]:
+        eval_running(net, batches["val"], device, cfg.eval_batches, st, log)
     bar.close()
-    run.train_time += time.time() - t_train
-    return run
+    st.train_time += time.time() - t_mark
+    return st
 
 
-def train_step(net: GPT, opt: torch.optim.Optimizer, batch, device: torch.device, run: RunState) -> None:
+def _zero_sums() -> dict:
+    """The running sums since the last evaluation: summed loss, correct predictions, examples."""
+    return {"loss": 0.0, "correct": 0, "n": 0}
+
+
+def train_step(net: GPT, opt: torch.optim.Optimizer, batch, device: torch.device, st: TrainState) -> None:
     """One optimizer step on one batch; adds its loss and correct predictions to the running sums."""
     ids, lengths, y = (t.to(device) for t in batch)
     logits = classify_logits(net, ids, lengths)
@@ -342,40 +296,23 @@ def train_step(net: GPT, opt: torch.optim.Optimizer, batch, device: torch.device
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    run.step += 1
-    run.run_loss += loss.item() * len(y)
-    run.run_correct += int((logits.argmax(-1) == y).sum())
-    run.run_n += len(y)
+    st.step += 1
+    st.sums["loss"] += loss.item() * len(y)
+    st.sums["correct"] += int((logits.argmax(-1) == y).sum())
+    st.sums["n"] += len(y)
 
 
 def eval_running(net: GPT, val_b: Batches, device: torch.device, max_batches: Optional[int],
-                 run: RunState, log: MetricLogger) -> dict:
+                 st: TrainState, log: MetricLogger) -> dict:
     """Log the running training means and the validation loss/accuracy, then reset the running sums."""
     val_loss, val_pred, _ = evaluate(net, val_b, device, max_batches)
-    rec = {"train_loss": run.run_loss / max(run.run_n, 1), "train_accuracy": run.run_correct / max(run.run_n, 1),
+    n = max(st.sums["n"], 1)
+    rec = {"train_loss": st.sums["loss"] / n, "train_accuracy": st.sums["correct"] / n,
            "val_loss": val_loss, "val_accuracy": _accuracy(val_pred, val_b.labels.numpy())}
-    run.history.append({"step": run.step, **rec})
-    log(rec, run.step)
-    run.run_loss, run.run_correct, run.run_n = 0.0, 0, 0
+    st.history.append({"step": st.step, **rec})
+    log(rec, st.step)
+    st.sums = _zero_sums()
     return rec
-
-
-def save_state(ckpt_root: Path, run: RunState, elapsed: float, identity: dict, net: GPT,
-               opt: torch.optim.Optimizer, device: torch.device, keep: int) -> None:
-    state = {"identity": identity, "step": run.step, "epoch": run.epoch, "epoch_step": run.epoch_step,
-             "run_loss": run.run_loss, "run_correct": run.run_correct, "run_n": run.run_n,
-             "history": run.history, "train_time": run.train_time + elapsed, "rng": _rng_json()}
-    save_checkpoint(ckpt_root, run.step, net, opt, state, _rng_tensors(device), keep, stage="spam")
-
-
-def load_state(ckpt_root: Path, identity: dict, net: GPT, opt: torch.optim.Optimizer,
-               device: torch.device) -> RunState:
-    state = resume_finetune(ckpt_root, identity, net, opt, device, "spam")
-    if state is None:
-        return RunState()
-    return RunState(step=state["step"], epoch=state["epoch"], epoch_step=state["epoch_step"],
-                    run_loss=state["run_loss"], run_correct=state["run_correct"], run_n=state["run_n"],
-                    history=state["history"], train_time=state["train_time"], resumed_from=state["step"])
 
 
 @torch.no_grad()
@@ -441,7 +378,7 @@ def data_metrics(data: SmsData, frames: dict[str, pd.DataFrame], L: int) -> dict
             "max_length": L}
 
 
-def model_metrics(net: GPT, run: RunState) -> dict[str, float]:
+def model_metrics(net: GPT, run: TrainState) -> dict[str, float]:
     """Optimizer steps, parameter counts (all, trainable), training seconds (over resumed runs too)."""
     return {"steps": run.step,
             "params_total": sum(p.numel() for p in {id(p): p for p in net.parameters()}.values()),
