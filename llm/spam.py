@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llm.checkpoint import atomic_write_bytes, save_model
-from llm.config import SpamConfig, parse_overrides
+from llm.checkpoint import save_model
+from llm.config import LORA_TARGETS, SpamConfig, parse_overrides
+from llm.fsutil import atomic_write_bytes
 from llm.lora import apply_lora, merge_lora
 from llm.model import GPT
 from llm.result import MetricLogger, StageResult, log_or_null
@@ -62,6 +63,7 @@ from llm.spam_data import (LABELS, MALFORMED_REASONS, PAD_ID, Batches, SmsData, 
                            encode_texts, pad_batch, read_sms_collection, read_sms_pandas)
 from llm.spam_infer import (BOOK_READOUT, Classifier, add_classification_head, classify_file,
                             classify_logits, last_token_hidden, load_classifier)
+from llm.spam_plots import plot_confusion, plot_curves
 from llm.tokenizer import get_encoding
 from llm.training import (TrainingInterrupted, TrainState, load_base, make_adamw, pick_device, stop_hook,
                           torch_threads)
@@ -191,7 +193,7 @@ def prepare_model(cfg: SpamConfig, backbone: GPT, device: torch.device) -> tuple
 
 
 def set_train_mode(model: GPT, mode: str, lora_rank: int = 16, lora_alpha: float = 16.0,
-                   lora_targets: Sequence[str] = ("att", "ff", "out_head"), book: bool = False) -> list[str]:
+                   lora_targets: Sequence[str] = LORA_TARGETS, book: bool = False) -> list[str]:
     """Choose what trains: head | last_block (last block + final_norm + head) | all | lora.
 
     For lora every base weight is frozen and the targeted Linear layers get LoRA adapters;
@@ -229,8 +231,6 @@ def make_batches(cfg: SpamConfig, frames: dict[str, pd.DataFrame], ids: dict[str
             "test": Batches(ids["test"], frames["test"]["label"], cfg.batch_size, pad_to=pad_to)}
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
@@ -245,6 +245,7 @@ def resume_identity(cfg: SpamConfig, train_ids: list[list[int]], train_df: pd.Da
 
 
 def total_steps(cfg: SpamConfig, steps_per_epoch: int) -> int:
+    """cfg.epochs full epochs, at most cfg.max_steps optimizer steps."""
     total = cfg.epochs * steps_per_epoch
     return min(total, cfg.max_steps) if cfg.max_steps is not None else total
 
@@ -338,7 +339,6 @@ def evaluate(model: GPT, batches, device, max_batches: Optional[int] = None
     return loss_sum / n, np.concatenate(preds), np.concatenate(probs)
 
 
-
 def _accuracy(preds: np.ndarray, labels: Sequence[int]) -> float:
     labels = np.asarray(labels)[: len(preds)]
     return float((preds == labels).mean()) if len(preds) else float("nan")
@@ -355,7 +355,8 @@ def final_metrics(cfg: SpamConfig, net: GPT, frames: dict[str, pd.DataFrame], ba
     from sklearn.metrics import f1_score, precision_score, recall_score  # lazy: ~1.4 s, `llmpipe classify` skips it
 
     net.eval()
-    # the training split again in order and unpadded (also in book mode, as before the refactor)
+    # the training split again, in order and padded per batch: in book mode too (then read at the last
+    # real token, not at -1, unlike val and test) -- kept as the stage has always done it
     _, train_pred, _ = evaluate(net, Batches(batches["train"].seqs, frames["train"]["label"], cfg.batch_size), device)
     _, val_pred, _ = evaluate(net, batches["val"], device)
     test_loss, test_pred, test_prob = evaluate(net, batches["test"], device)
@@ -431,58 +432,6 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
     df.to_parquet(buf, index=False)
     atomic_write_bytes(path, buf.getvalue())
     return path
-
-
-def _save_fig(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt  # lazy: see plot_curves
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def plot_curves(history: list[dict], key: str, ylabel: str, batch_size: int, path: Path) -> Path:
-    """The book's figures 6.16/6.17: train and val curves vs steps, examples seen on top."""
-    import matplotlib  # lazy: ~0.7 s to import, only the end of the stage draws
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(steps, [h[f"train_{key}"] for h in history], label=f"Training {key}")
-    ax.plot(steps, [h[f"val_{key}"] for h in history], linestyle="-.", label=f"Validation {key}")
-    ax.set_xlabel("Steps")
-    ax.set_ylabel(ylabel)
-    ax.legend()
-    top = ax.secondary_xaxis("top", functions=(lambda s: s * batch_size, lambda e: e / batch_size))
-    top.set_xlabel("Examples seen")
-    fig.tight_layout()
-    return _save_fig(fig, path)
-
-
-def plot_confusion(cm: np.ndarray, title: str, path: Path) -> Path:
-    """The test split's confusion matrix (rows true, columns predicted), counts in the cells."""
-    import matplotlib  # lazy: see plot_curves
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(3.6, 3.2))
-    ax.imshow(cm, cmap="Blues")
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(LABELS)), LABELS)
-    ax.set_yticks(range(len(LABELS)), LABELS)
-    ax.set_xlabel("Predicted")
-    ax.set_ylabel("True")
-    ax.set_title(title)
-    fig.tight_layout()
-    return _save_fig(fig, path)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
