@@ -75,8 +75,8 @@ from llm.pretrain_rules import BookReplay, Rules, book_init_
 from llm.procenv import allowed_cores
 from llm.result import MetricLogger, StageResult
 from llm.tokenizer import get_encoding
-from llm.weights import load_pretrained
 from llm.training import TrainState, make_adamw, pick_device, stop_hook, torch_threads
+from llm.weights import load_pretrained
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +109,8 @@ def build_model(cfg: PretrainConfig) -> GPT:
 
 
 def make_optimizer(model: nn.Module, cfg: PretrainConfig, device: Optional[torch.device] = None) -> torch.optim.Optimizer:
-    """AdamW with cfg's lr and betas, weight decay on matrices (book_compat: on every parameter)."""
+    """AdamW with cfg's lr and betas, weight decay on matrices (book_compat: on every parameter); fused
+    where torch has it, else foreach. `device` is not needed (the parameters are on it already)."""
     return make_adamw(model, cfg.lr, cfg.weight_decay, betas=tuple(cfg.betas), eps=1e-8,
                       decay_all=cfg.book_compat, foreach=True)
 
@@ -127,6 +128,7 @@ def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
 
 # --------------------------------------------------------------------------------------------
 # The recipe
