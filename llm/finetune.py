@@ -1,0 +1,156 @@
+"""Pieces shared by the two chat finetune recipes, llm/instruct.py and llm/dpo.py (not a stage of its own).
+
+    from llm.finetune import write_splits, setup_trainable, merge_if_lora, param_counts, run_identity, \
+        epoch_indices, plot_train_val
+    artifacts = write_splits(out_dir, {"train": train, "test": test, "val": val}, columns)
+    wrapped = setup_trainable(model, cfg)             # LoRA adapters (cfg.train_mode "lora") or every parameter
+    identity = run_identity(cfg, train, model)         # what a checkpoint must match to be resumed
+    idx = epoch_indices(len(train), cfg.batch_size, cfg.seed, epoch, epoch_step)   # one batch's records
+
+Both recipes split the records the same way, train the same parameters (LoRA or all), shuffle each epoch
+with the same seeded permutation (torch.randperm seeded with seed * 100003 + epoch, drop_last), refuse to
+resume from checkpoints of another config/data/base model, and write the same kind of parquet and plot
+artifacts; the rest of each recipe (batches, loss, evaluation) stays in its own module.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from llm.fsutil import save_figure
+from llm.lora import apply_lora, merge_lora
+
+# config fields that may change between a run and its resume (they do not change the trained weights)
+RESUMABLE_FIELDS = {"test_limit", "max_new_tokens", "threads", "checkpoint_every", "keep_checkpoints"}
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def write_splits(out_dir: Path, parts: dict[str, Sequence[dict]], columns: Sequence[str]) -> list[Path]:
+    """One NAME.parquet per split, in the order given."""
+    return [write_parquet(pd.DataFrame(list(part), columns=list(columns)), out_dir / f"{name}.parquet")
+            for name, part in parts.items()]
+
+
+def setup_trainable(model: nn.Module, cfg, book: bool = False) -> list[str]:
+    """cfg.train_mode "lora": freeze the model and wrap cfg.lora_targets in LoRA adapters (book: appendix E's);
+    "all": every parameter trains. Returns the wrapped module names (empty for "all")."""
+    if cfg.train_mode == "lora":
+        return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, book=book)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return []
+
+
+def merge_if_lora(model: nn.Module, wrapped: Sequence[str]) -> None:
+    """Fold the LoRA adapters into the weights before saving: the saved model is a plain GPT again."""
+    if wrapped:
+        merge_lora(model)
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, tied ones once; trainable parameters)."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def data_digest(records: Sequence[dict]) -> str:
+    return hashlib.sha256(json.dumps(list(records), sort_keys=True).encode()).hexdigest()
+
+
+def run_identity(cfg, train: Sequence[dict], model: nn.Module, version: int) -> dict:
+    """What a checkpoint must match to be resumed: state version, config (less RESUMABLE_FIELDS), training
+    records, model shape."""
+    return {"version": version, "config": cfg.model_dump(mode="json", exclude=RESUMABLE_FIELDS),
+            "data": data_digest(train), "model_config": model.cfg.to_dict()}
+
+
+def epoch_indices(n: int, batch_size: int, seed: int, epoch: int, epoch_step: int) -> list[int]:
+    """The records of batch `epoch_step` of `epoch`: a seeded per-epoch permutation, sliced (drop_last)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[epoch_step * batch_size:(epoch_step + 1) * batch_size].tolist()
+
+
+def plot_train_val(history: dict, train_key: str, val_key: str, labels: tuple[str, str], ylabel: str,
+                   title: str, legend: str, path: Path) -> Path:
+    """history[train_key] and the non-None history[val_key] against history["step"]."""
+    import matplotlib  # lazy: matplotlib is slow to import and only needed once, at the end of a run
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(history["step"], history[train_key], label=labels[0])
+    val = [(s, v) for s, v in zip(history["step"], history[val_key]) if v is not None]
+    if val:
+        ax.plot(*zip(*val), linestyle="-.", label=labels[1])
+    ax.set_xlabel("Optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ---- TEMPORARY until llm/training.py lands (branch core): the planned TrainState API over llm.train's format
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Optional  # noqa: E402
+
+from llm.train import _rng_json, _rng_tensors, resume_finetune, save_checkpoint  # noqa: E402
+
+STATE_VERSION = 1
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the `stop_after` test hook, as if the run had been killed after that step."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    tokens_seen: int = 0
+    train_time: float = 0.0
+    sums: dict = field(default_factory=dict)
+    history: dict = field(default_factory=dict)
+
+    def save(self, ckpt_root, model, optimizer, keep, identity, stage, device):
+        st = {"identity": identity, "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,
+              "tokens_seen": self.tokens_seen, "train_time": self.train_time, "history": self.history,
+              "sums": self.sums, "rng": _rng_json()}
+        return save_checkpoint(ckpt_root, self.step, model, optimizer, st, _rng_tensors(device), keep, stage=stage)
+
+    @classmethod
+    def load(cls, ckpt_root, model, optimizer, device, identity, stage) -> Optional["TrainState"]:
+        s = resume_finetune(ckpt_root, identity, model, optimizer, device, stage)
+        if s is None:
+            return None
+        return cls(s["step"], s["epoch"], s["epoch_step"], s["tokens_seen"], s["train_time"], s["sums"], s["history"])
+
+
+from contextlib import contextmanager  # noqa: E402
+
+from llm.train import free_cores  # noqa: E402
+
+
+@contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n or free_cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
