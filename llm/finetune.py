@@ -31,6 +31,10 @@ from llm.lora import apply_lora, merge_lora
 RESUMABLE_FIELDS = {"test_limit", "max_new_tokens", "threads", "checkpoint_every", "keep_checkpoints"}
 
 
+def encode_text(enc, text: str) -> list[int]:
+    return enc.encode(text, disallowed_special=())  # "<|endoftext|>" inside a record is plain text
+
+
 def write_parquet(df: pd.DataFrame, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     df.to_parquet(tmp, index=False)
@@ -154,3 +158,12 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def make_adamw(model, lr, weight_decay, decay_all=False):
+    from llm.train import param_groups
+    groups = param_groups(model, weight_decay, decay_all=decay_all)
+    try:  # fused: the same update as the book's AdamW, much faster over the embedding on CPU
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr)

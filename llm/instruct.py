@@ -68,8 +68,8 @@ from tqdm import tqdm
 
 from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
 from llm.config import InstructConfig, parse_overrides
-from llm.finetune import (STATE_VERSION, TrainingInterrupted, TrainState, data_digest, epoch_indices,  # noqa: F401
-                          merge_if_lora, param_counts, plot_train_val, run_identity, setup_trainable, torch_threads,
+from llm.finetune import (STATE_VERSION, TrainingInterrupted, TrainState, encode_text, epoch_indices,  # noqa: F401
+                          make_adamw, merge_if_lora, param_counts, plot_train_val, run_identity, setup_trainable, torch_threads,
                           write_parquet, write_splits)
 from llm.generate import generate
 from llm.model import EOT_ID, GPT
@@ -77,7 +77,6 @@ from llm.prompts import (ALPACA_PREAMBLE, RESPONSE_HEADER, _check_format, extrac
                          format_example, format_input, format_prompt)
 from llm.result import MetricLogger, StageResult, log_or_null
 from llm.tokenizer import get_encoding
-from llm.train import param_groups
 from llm.weights import load_pretrained
 
 FIELDS = ("instruction", "input", "output")
@@ -158,16 +157,12 @@ def split_records(records: Sequence[dict], shuffle: bool = False, seed: int = 12
 # Prompt formats (format_input, format_prompt, format_example, extract_response: llm/prompts.py)
 # --------------------------------------------------------------------------------------------
 
-def _encode(enc, text: str) -> list[int]:
-    return enc.encode(text, disallowed_special=())  # "<|endoftext|>" inside a record is plain text
-
-
 def encode_examples(enc, records: Sequence[dict], prompt_format: str) -> tuple[list[list[int]], list[int]]:
     """(token ids of each full example, number of leading prompt tokens of each)."""
     seqs, prompt_lens = [], []
     for r in records:
-        ids = _encode(enc, format_example(r, prompt_format))
-        p = _encode(enc, format_prompt(r, prompt_format))
+        ids = encode_text(enc, format_example(r, prompt_format))
+        p = encode_text(enc, format_prompt(r, prompt_format))
         n = 0
         while n < min(len(p), len(ids)) and p[n] == ids[n]:  # a BPE merge across the boundary is rare
             n += 1
@@ -224,11 +219,8 @@ def prepare_model(cfg: InstructConfig, base_checkpoint: Optional[Path]) -> tuple
 
 
 def make_optimizer(model: nn.Module, cfg: InstructConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.book_compat)  # the book decays every parameter
-    try:  # fused: the same update as the book's AdamW, much faster over the embedding on CPU
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+    """AdamW, weight decay on matrices only; book_compat: on every parameter, as the book does."""
+    return make_adamw(model, cfg.lr, cfg.weight_decay, decay_all=cfg.book_compat)
 
 
 def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -259,9 +251,6 @@ def loader_loss(model: nn.Module, seqs: Sequence[Sequence[int]], prompt_lens: Op
     return sum(losses) / len(losses)
 
 
-_data_digest = data_digest  # the old private name
-
-
 # --------------------------------------------------------------------------------------------
 # Generation (also the dpo stage's and the served model's)
 # --------------------------------------------------------------------------------------------
@@ -273,7 +262,7 @@ def respond(model: GPT, enc, entry: dict, prompt_format: str, max_new_tokens: in
     if book:
         return respond_book(model, enc, entry, prompt_format, max_new_tokens)
     ctx = model.cfg.context_length
-    ids = _encode(enc, format_prompt(entry, prompt_format))
+    ids = encode_text(enc, format_prompt(entry, prompt_format))
     if len(ids) + max_new_tokens > ctx:  # keep the end (the response header) of a long prompt
         ids = ids[-max(ctx - max_new_tokens, ctx // 2):]
     new = generate(model, ids, max_new_tokens, temperature=0.0, eos_id=EOT_ID, use_cache=True)
@@ -284,7 +273,7 @@ def respond_book(model: GPT, enc, entry: dict, prompt_format: str, max_new_token
     """The book's chapter 7 generation: the prompt is format_input alone, without the response header, never
     cropped; past the context the window slides token by token as the book's generate does; the response
     header the model writes is stripped afterwards."""
-    ids = _encode(enc, format_input(entry, prompt_format))
+    ids = encode_text(enc, format_input(entry, prompt_format))
     new = generate(model, ids, max_new_tokens, temperature=0.0, eos_id=EOT_ID,
                    use_cache=len(ids) + max_new_tokens <= model.cfg.context_length)
     return extract_response(enc.decode(new), prompt_format)
