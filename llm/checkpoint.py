@@ -6,11 +6,18 @@
 
 Weights are never pickled. Extra JSON-able metadata (tokenizer name, classifier labels, ...)
 goes into config.json under "llmpipe". Tied weights are stored once (as tok_emb.weight).
+
+Resumable training checkpoints (`save_checkpoint`, `list_checkpoints`; llm.training.TrainState
+builds on them): ckpt_root/step-XXXXXX/ holding model.safetensors + config.json +
+optimizer.safetensors (optimizer state and any extra tensors, e.g. RNG states) + state.json, each
+folder written under a hidden temp name and renamed, so a killed run never leaves a partial
+checkpoint that looks complete.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from llm.fsutil import _umask, atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 from llm.model import GPT, GPTConfig
+
+CKPT_RE = re.compile(r"^step-(\d{6,})$")
+CKPT_FILES = ("model.safetensors", "config.json", "optimizer.safetensors", "state.json")
 
 
 def state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -108,3 +118,68 @@ def load_weights_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], sourc
     if really_missing or unexpected:
         raise ValueError(f"{source}: weights do not match this run's model (missing {really_missing[:5]}, "
                          f"unexpected {list(unexpected)[:5]})")
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable training checkpoints (no pickles: tensors in safetensors, scalars in JSON)
+# --------------------------------------------------------------------------------------------
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = opt.state_dict()
+    tensors = {f"optim.{idx}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+               for idx, st in sd["state"].items() for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = t
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: GPT, opt: torch.optim.Optimizer, state: dict,
+                    extra_tensors: dict[str, torch.Tensor], keep: int, stage: str = "pretrain") -> Path:
+    """Write checkpoints/step-XXXXXX atomically (hidden temp folder, then rename); keep the newest `keep`.
+    `stage` goes into config.json's llmpipe metadata."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
+    try:
+        folder = save_model(model, tmp_root / name, extra={"tokenizer": "gpt2", "stage": stage, "step": step})
+        tensors, groups = optimizer_to_flat(opt)
+        save_file({**tensors, **extra_tensors}, str(folder / "optimizer.safetensors"))
+        (folder / "state.json").write_text(json.dumps({**state, "optimizer_param_groups": groups}))
+        _fsync_tree(folder)
+        final = ckpt_root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(folder, final)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (temp folders are hidden and never match)."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for p in ckpt_root.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and all((p / f).is_file() for f in CKPT_FILES):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]

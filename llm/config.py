@@ -90,33 +90,42 @@ class ModelConfigSection(Section):
     tie_weights: Optional[bool] = None
 
 
-class PretrainConfig(Section):
-    model: ModelConfigSection = Field(default_factory=ModelConfigSection)
-    init: Optional[str] = Field(None, description="None = random init; gpt2, gpt2-medium, ... or a HF GPT-2 folder")
+class LoopConfig(Section):
+    """The training-loop fields every training section (pretrain, spam, instruct, dpo) has, with the
+    defaults they share; a section re-declares a field only to give it its own default."""
+
     epochs: int = Field(1, ge=1)
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(8, ge=1)
+    lr: float = Field(4e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: Optional[int] = Field(None, ge=1, description="val batches per eval (None = all)")
+    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between resumable checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 123
+    threads: int = Field(0, ge=0, description="torch threads (0 = the cores this process may use: its CPU affinity)")
+
+
+LORA_TARGETS = ("att", "ff", "out_head")  # llm.lora names; "attn" stays accepted there as an alias of "att"
+
+
+class PretrainConfig(LoopConfig):
+    model: ModelConfigSection = Field(default_factory=ModelConfigSection)
+    init: Optional[str] = Field(None, description="None = random init; gpt2, gpt2-medium, ... or a HF GPT-2 folder")
     grad_accum: int = Field(1, ge=1)
     stride: Optional[int] = Field(None, ge=1, description="window stride in tokens (default: context_length)")
-    lr: float = Field(4e-4, gt=0)
     min_lr: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     initial_lr: float = Field(3e-5, ge=0, description="book_compat: the warmup starts at this lr (appendix D); "
                               "otherwise the warmup is lr * (step + 1) / warmup_steps")
     schedule: Literal["constant", "cosine"] = "cosine"
-    weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: Optional[float] = Field(1.0, gt=0)
-    eval_every: int = Field(50, ge=1)
-    eval_batches: Optional[int] = Field(None, ge=1, description="val batches per eval (None = all)")
-    checkpoint_every: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
-    threads: int = Field(0, ge=0, description="torch threads (0 = cores actually free)")
     nproc: int = Field(1, ge=1, description="DDP processes launched with torchrun")
-    seed: int = 123
     sample_prompt: str = "Every effort moves you"
     book_compat: bool = Field(
         False,
@@ -137,33 +146,25 @@ class EvaluateConfig(Section):
     max_batches: Optional[int] = Field(None, ge=1)
 
 
-class SpamConfig(Section):
+class SpamConfig(LoopConfig):
     source: str = Field("sms_spam", description="source name in data/sources.yaml, or a path to a label<TAB>text file")
     init: str = Field("pretrain", description="pretrain (the pretrain stage's checkpoint), gpt2*, or a HF folder")
     skip_malformed: bool = False
     train_mode: Literal["head", "last_block", "all", "lora"] = "last_block"
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
-    lora_targets: list[str] = Field(default_factory=lambda: ["attn", "ff", "out_head"])
+    lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     max_length: Optional[int] = Field(None, ge=1, description="pad/truncate to this (default: longest train example)")
     epochs: int = Field(5, ge=1)
-    batch_size: int = Field(8, ge=1)
     lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    eval_every: int = Field(50, ge=1)
-    eval_batches: Optional[int] = Field(None, ge=1)
-    max_steps: Optional[int] = Field(None, ge=1)
-    seed: int = 123
     baseline: bool = True
-    threads: int = Field(0, ge=0, description="torch CPU threads (0 = cores actually free)")
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between resumable checkpoints")
-    keep_checkpoints: int = Field(2, ge=1)
     book_compat: bool = Field(False, description="replay the book where it differs (README: book mode): "
                               "pandas read_csv parsing (5572 rows), padding to max_length and the class read at position -1, "
                               "appendix E LoRA (scaling alpha, separate Q/K/V adapters)")
 
 
-class InstructConfig(Section):
+class InstructConfig(LoopConfig):
     data: str = Field("instruction_data", description="source name in data/sources.yaml, or a JSON/JSONL path")
     init: str = Field("pretrain", description="pretrain, gpt2*, or a HF folder")
     prompt_format: Literal["alpaca", "phi3"] = "alpaca"
@@ -173,27 +174,18 @@ class InstructConfig(Section):
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     epochs: int = Field(2, ge=1)
-    batch_size: int = Field(8, ge=1)
     lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    eval_every: int = Field(50, ge=1)
-    eval_batches: Optional[int] = Field(None, ge=1)
-    max_steps: Optional[int] = Field(None, ge=1)
-    checkpoint_every: int = Field(200, ge=1)
     max_records: Optional[int] = Field(None, ge=1, description="use only the first N records (after shuffling)")
     test_limit: Optional[int] = Field(None, ge=1, description="generate responses for at most N test records")
     max_new_tokens: int = Field(256, ge=1)
-    seed: int = 123
     shuffle: bool = Field(False, description="shuffle the records (seeded) before the 85/10/5 split; the book does not")
-    lora_targets: list[str] = Field(default_factory=lambda: ["att", "ff", "out_head"])
-    threads: int = Field(0, ge=0, description="torch threads (0 = cores not already busy)")
-    keep_checkpoints: int = Field(2, ge=1)
+    lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     book_compat: bool = Field(False, description="replay the book where it differs (README: book mode): "
                               "responses prompted without the response header (stripped afterwards), weight decay on every "
                               "parameter, appendix E LoRA (scaling alpha, separate Q/K/V adapters)")
 
 
-class DpoConfig(Section):
+class DpoConfig(LoopConfig):
     """The dpo stage (the book's ch07 DPO notebook): preference-tune the instruct model."""
 
     data: str = Field("instruction_preference",
@@ -204,22 +196,17 @@ class DpoConfig(Section):
     train_mode: Literal["all", "lora"] = "all"
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
-    lora_targets: list[str] = Field(default_factory=lambda: ["att", "ff", "out_head"])
+    lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     epochs: int = Field(1, ge=1, description="the book: 1 (DPO collapses when trained longer)")
-    batch_size: int = Field(8, ge=1)
     lr: float = Field(5e-6, gt=0, description="the book: 5e-6")
     weight_decay: float = Field(0.01, ge=0, description="the book: 0.01, on every parameter")
     eval_every: int = Field(5, ge=1)
     eval_batches: Optional[int] = Field(5, ge=1, description="batches per split at each eval (the book: 5)")
-    max_steps: Optional[int] = Field(None, ge=1)
     checkpoint_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
     max_records: Optional[int] = Field(None, ge=1, description="use only the first N records (after shuffling)")
     shuffle: bool = Field(False, description="shuffle before the 85/10/5 split; the book does not")
     test_limit: Optional[int] = Field(None, ge=1, description="generate responses for at most N test records")
     max_new_tokens: int = Field(256, ge=1, description="response length limit (keep equal to instruct's)")
-    seed: int = 123
-    threads: int = Field(0, ge=0, description="torch threads (0 = cores not already busy)")
 
 
 class JudgeConfig(Section):
