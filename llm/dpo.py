@@ -30,7 +30,7 @@ What happens, top to bottom (`run_dpo`):
      `train_reward_margin`, `val_reward_margin` (mean chosen reward - mean rejected reward, the book's
      margin) over the first cfg.eval_batches batches of each split in order, and `val_reward_accuracy`
      (share of val pairs whose chosen reward beats the rejected one) go to `log(metrics, step)`.
-     Checkpoints every cfg.checkpoint_every steps and at the end (llm.train's format, stage "dpo");
+     Checkpoints every cfg.checkpoint_every steps and at the end (llm.training.TrainState, stage "dpo");
      re-running with the same out_dir resumes and ends exactly where an uninterrupted run would.
   7. responses for the test split with the instruct stage's generation (llm.instruct.respond: greedy, KV
      cache, stop at <|endoftext|>, cfg.max_new_tokens, the first cfg.test_limit records): responses.parquet
@@ -56,14 +56,15 @@ from tqdm import tqdm
 
 from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
 from llm.config import DpoConfig, parse_overrides
-from llm.finetune import (STATE_VERSION, TrainingInterrupted, TrainState, encode_text, epoch_indices,  # noqa: F401
-                          make_adamw, merge_if_lora, param_counts, plot_train_val, run_identity, setup_trainable,
-                          torch_threads, write_splits)
+from llm.finetune import (encode_text, epoch_indices, merge_if_lora, param_counts, plot_train_val, run_identity,
+                          setup_trainable, write_splits)
 from llm.instruct import split_records, write_responses
 from llm.model import EOT_ID, GPT
 from llm.prompts import format_input, format_prompt
 from llm.result import MetricLogger, StageResult, log_or_null
 from llm.tokenizer import get_encoding
+from llm.training import TrainingInterrupted  # noqa: F401 (re-exported: the tests' stop_after hook raises it)
+from llm.training import TrainState, make_adamw, pick_device, stop_hook, torch_threads
 
 FIELDS = ("instruction", "input", "output", "chosen", "rejected")
 HISTORY_KEYS = ("step", "dpo_train_loss", "dpo_val_loss", "train_reward_margin", "val_reward_margin",
@@ -294,9 +295,8 @@ def run_dpo(cfg: DpoConfig, data_file: Path, out_dir: Path, base_model: Path, pr
         out_dir.mkdir(parents=True, exist_ok=True)
         run, artifacts = prepare_run(cfg, Path(data_file), out_dir, Path(base_model))
         ckpt_root = out_dir / "checkpoints"
-        state = TrainState.load(ckpt_root, run.policy, run.opt, run.device, run.identity, "dpo")
-        resumed_from = state.step if state is not None else None
-        state = state or TrainState(history={k: [] for k in HISTORY_KEYS})
+        state = (TrainState.load(ckpt_root, run.policy, run.opt, run.device, run.identity, "dpo")
+                 or TrainState(history={k: [] for k in HISTORY_KEYS}))
         if not state.history["step"]:
             evaluate(run, state, log)  # step 0, policy == reference: loss log(2), margins 0
         train(run, state, ckpt_root, log, progress, stop_after)
@@ -306,12 +306,12 @@ def run_dpo(cfg: DpoConfig, data_file: Path, out_dir: Path, base_model: Path, pr
             out_dir, progress, "dpo responses")
         artifacts += more + [responses, out_dir / "responses.json", out_dir / "history.json"]
         timings = {"n_responses": len(rows), "generate_seconds": gen_seconds, "seconds": time.time() - t_start}
-        return _result(run, state, timings, resumed_from, artifacts, model_dir, responses)
+        return _result(run, state, timings, artifacts, model_dir, responses)
 
 
 def prepare_run(cfg: DpoConfig, data_file: Path, out_dir: Path, base_model: Path) -> tuple[DpoRun, list[Path]]:
     """Records split and written as parquets, policy and frozen reference, encoded pairs, optimizer, step plan."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     records = load_preference_records(data_file)
     train_, test, val = split_records(records, cfg.shuffle, cfg.seed, cfg.max_records)
     if not train_:
@@ -332,7 +332,7 @@ def prepare_run(cfg: DpoConfig, data_file: Path, out_dir: Path, base_model: Path
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     run = DpoRun(cfg, policy, reference, wrapped, opt, device, max_length, prompt_format, book, test, pairs,
-                 n_dropped, steps_per_epoch, total_steps, run_identity(cfg, train_, policy, STATE_VERSION),
+                 n_dropped, steps_per_epoch, total_steps, run_identity(cfg, train_, policy),
                  param_counts(policy))
     return run, artifacts
 
@@ -386,9 +386,8 @@ def train(run: DpoRun, state: TrainState, ckpt_root: Path, log: MetricLogger, pr
                 bar.set_postfix(loss=f"{state.history['dpo_train_loss'][-1]:.3f}",
                                 margin=f"{state.history['train_reward_margin'][-1]:.3f}")
             if state.step % cfg.checkpoint_every == 0 or state.step == run.total_steps:
-                state.save(ckpt_root, policy, run.opt, cfg.keep_checkpoints, run.identity, "dpo", run.device)
-            if stop_after is not None and stop_after <= state.step < run.total_steps:
-                raise TrainingInterrupted(f"stopped after step {state.step} (test hook)")
+                state.save(ckpt_root, policy, run.opt, cfg.keep_checkpoints, run.identity, "dpo")
+            stop_hook(stop_after, state.step, run.total_steps, "dpo")
 
 
 def evaluate(run: DpoRun, state: TrainState, log: MetricLogger) -> None:
@@ -425,8 +424,8 @@ def _last(history: dict, key: str):
     return next((v for v in reversed(history[key]) if v is not None), None)
 
 
-def _result(run: DpoRun, state: TrainState, timings: dict, resumed_from: Optional[int], artifacts: list[Path],
-            model_dir: Path, responses: Path) -> StageResult:
+def _result(run: DpoRun, state: TrainState, timings: dict, artifacts: list[Path], model_dir: Path,
+            responses: Path) -> StageResult:
     cfg, h = run.cfg, state.history
     params_total, params_trainable = run.params
     metrics = {**{k: _last(h, k) for k in ("dpo_train_loss", "dpo_val_loss", "train_reward_margin",
@@ -442,7 +441,8 @@ def _result(run: DpoRun, state: TrainState, timings: dict, resumed_from: Optiona
         metrics={k: float(v) for k, v in metrics.items() if v is not None},
         params={"prompt_format": run.prompt_format, "train_mode": cfg.train_mode, "beta": cfg.beta,
                 "max_length": run.max_length, "steps_per_epoch": run.steps_per_epoch,
-                "total_steps": run.total_steps, "lora_modules": len(run.wrapped), "resumed_from_step": resumed_from,
+                "total_steps": run.total_steps, "lora_modules": len(run.wrapped),
+                "resumed_from_step": state.resumed_from,
                 "device": str(run.device), "threads": torch.get_num_threads()},
         artifacts=artifacts,
         outputs={"model": model_dir, "responses": responses},

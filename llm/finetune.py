@@ -74,10 +74,10 @@ def data_digest(records: Sequence[dict]) -> str:
     return hashlib.sha256(json.dumps(list(records), sort_keys=True).encode()).hexdigest()
 
 
-def run_identity(cfg, train: Sequence[dict], model: nn.Module, version: int) -> dict:
-    """What a checkpoint must match to be resumed: state version, config (less RESUMABLE_FIELDS), training
-    records, model shape."""
-    return {"version": version, "config": cfg.model_dump(mode="json", exclude=RESUMABLE_FIELDS),
+def run_identity(cfg, train: Sequence[dict], model: nn.Module) -> dict:
+    """What a checkpoint must match to be resumed (llm.training.TrainState.load): the config (less
+    RESUMABLE_FIELDS), the training records, the model's shape."""
+    return {"config": cfg.model_dump(mode="json", exclude=RESUMABLE_FIELDS),
             "data": data_digest(train), "model_config": model.cfg.to_dict()}
 
 
@@ -107,63 +107,3 @@ def plot_train_val(history: dict, train_key: str, val_key: str, labels: tuple[st
     fig.tight_layout()
     return save_figure(fig, path)
 
-
-# ---- TEMPORARY until llm/training.py lands (branch core): the planned TrainState API over llm.train's format
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Optional  # noqa: E402
-
-from llm.train import _rng_json, _rng_tensors, resume_finetune, save_checkpoint  # noqa: E402
-
-STATE_VERSION = 1
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised by the `stop_after` test hook, as if the run had been killed after that step."""
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 0
-    epoch_step: int = 0
-    tokens_seen: int = 0
-    train_time: float = 0.0
-    sums: dict = field(default_factory=dict)
-    history: dict = field(default_factory=dict)
-
-    def save(self, ckpt_root, model, optimizer, keep, identity, stage, device):
-        st = {"identity": identity, "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,
-              "tokens_seen": self.tokens_seen, "train_time": self.train_time, "history": self.history,
-              "sums": self.sums, "rng": _rng_json()}
-        return save_checkpoint(ckpt_root, self.step, model, optimizer, st, _rng_tensors(device), keep, stage=stage)
-
-    @classmethod
-    def load(cls, ckpt_root, model, optimizer, device, identity, stage) -> Optional["TrainState"]:
-        s = resume_finetune(ckpt_root, identity, model, optimizer, device, stage)
-        if s is None:
-            return None
-        return cls(s["step"], s["epoch"], s["epoch_step"], s["tokens_seen"], s["train_time"], s["sums"], s["history"])
-
-
-from contextlib import contextmanager  # noqa: E402
-
-from llm.train import free_cores  # noqa: E402
-
-
-@contextmanager
-def torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n or free_cores())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def make_adamw(model, lr, weight_decay, decay_all=False):
-    from llm.train import param_groups
-    groups = param_groups(model, weight_decay, decay_all=decay_all)
-    try:  # fused: the same update as the book's AdamW, much faster over the embedding on CPU
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(groups, lr=lr)

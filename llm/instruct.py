@@ -35,7 +35,7 @@ What happens, top to bottom (`run_instruct`):
      (drop_last, like the book's DataLoader), cfg.max_steps; every cfg.eval_every steps the mean
      train loss since the last eval and the val loss (cfg.eval_batches batches, None = all) go to
      `log({"train_loss", "val_loss"}, step)`; checkpoints in out_dir/checkpoints/step-XXXXXX
-     (weights, optimizer, RNG, data position; llm.train's format) every cfg.checkpoint_every steps
+     (weights, optimizer, RNG, data position: llm.training.TrainState) every cfg.checkpoint_every steps
      and at the end. Re-running with the same out_dir resumes and ends exactly where an
      uninterrupted run would.
   6. responses: greedy generation with the KV cache (llm.generate.generate, stop at 50256,
@@ -68,19 +68,20 @@ from tqdm import tqdm
 
 from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
 from llm.config import InstructConfig, parse_overrides
-from llm.finetune import (STATE_VERSION, TrainingInterrupted, TrainState, encode_text, epoch_indices,  # noqa: F401
-                          make_adamw, merge_if_lora, param_counts, plot_train_val, run_identity, setup_trainable, torch_threads,
-                          write_parquet, write_splits)
+from llm.finetune import (encode_text, epoch_indices, merge_if_lora, param_counts, plot_train_val, run_identity,
+                          setup_trainable, write_parquet, write_splits)
 from llm.generate import generate
 from llm.model import EOT_ID, GPT
 from llm.prompts import (ALPACA_PREAMBLE, RESPONSE_HEADER, _check_format, extract_response,  # noqa: F401 (re-exported)
                          format_example, format_input, format_prompt)
 from llm.result import MetricLogger, StageResult, log_or_null
 from llm.tokenizer import get_encoding
-from llm.weights import load_pretrained
+from llm.training import TrainingInterrupted  # noqa: F401 (re-exported: the tests' stop_after hook raises it)
+from llm.training import TrainState, load_base, make_adamw, pick_device, stop_hook, torch_threads
 
 FIELDS = ("instruction", "input", "output")
 IGNORE_INDEX = -100
+HISTORY_KEYS = ("step", "tokens_seen", "train_loss", "val_loss")
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,19 +203,10 @@ def collate(batch: Sequence[Sequence[int]], pad_token_id: int = EOT_ID, ignore_i
 # Model, loss
 # --------------------------------------------------------------------------------------------
 
-def load_base(cfg: InstructConfig, base_checkpoint: Optional[Path]) -> GPT:
-    """The GPT to finetune: the pretrain stage's checkpoint, or llm.weights.load_pretrained(cfg.init)."""
-    if cfg.init == "pretrain":
-        if base_checkpoint is None:
-            raise ValueError("instruct.init is 'pretrain' but no pretrain checkpoint was given (base_checkpoint=None)")
-        return load_model(base_checkpoint)
-    return load_pretrained(cfg.init)
-
-
 def prepare_model(cfg: InstructConfig, base_checkpoint: Optional[Path]) -> tuple[GPT, list[str]]:
     """The base model with its trainable parameters (LoRA adapters, the book's with book_compat, or all)."""
     torch.manual_seed(cfg.seed)
-    model = load_base(cfg, base_checkpoint)
+    model = load_base(cfg.init, base_checkpoint, "instruct")
     return model, setup_trainable(model, cfg, book=cfg.book_compat)
 
 
@@ -348,10 +340,8 @@ def run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_check
         out_dir.mkdir(parents=True, exist_ok=True)
         run, artifacts = prepare_run(cfg, Path(data_file), out_dir, base_checkpoint)
         ckpt_root = out_dir / "checkpoints"
-        state = TrainState.load(ckpt_root, run.model, run.opt, run.device, run.identity, "instruct")
-        resumed_from = state.step if state is not None else None
-        state = state or TrainState(sums={"loss": 0.0, "count": 0},
-                                    history={"step": [], "tokens_seen": [], "train_loss": [], "val_loss": []})
+        state = (TrainState.load(ckpt_root, run.model, run.opt, run.device, run.identity, "instruct")
+                 or TrainState(sums={"loss": 0.0, "count": 0}, history={k: [] for k in HISTORY_KEYS}))
         train(run, state, ckpt_root, log_or_null(log), progress, stop_after)
         model_dir, test_loss, more = finish(run, state, out_dir)
         rows, responses, gen_seconds = write_responses(
@@ -359,13 +349,13 @@ def run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_check
             cfg.test_limit, out_dir, progress, "instruct responses")
         artifacts += more + [responses, out_dir / "responses.json", out_dir / "history.json"]
         timings = {"n_responses": len(rows), "generate_seconds": gen_seconds, "seconds": time.time() - t_start}
-        return _result(run, state, test_loss, timings, resumed_from, artifacts, model_dir, responses)
+        return _result(run, state, test_loss, timings, artifacts, model_dir, responses)
 
 
 def prepare_run(cfg: InstructConfig, data_file: Path, out_dir: Path, base_checkpoint: Optional[Path]
                 ) -> tuple[InstructRun, list[Path]]:
     """Records split and written as parquets, model, token ids, optimizer, step plan."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     records = load_records(data_file)
     train_, test, val = split_records(records, cfg.shuffle, cfg.seed, cfg.max_records)
     if not train_:
@@ -389,7 +379,7 @@ def prepare_run(cfg: InstructConfig, data_file: Path, out_dir: Path, base_checkp
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     run = InstructRun(cfg, model, wrapped, opt, device, min(cfg.max_length or ctx, ctx), splits, ids, prompt_lens,
-                      steps_per_epoch, total_steps, run_identity(cfg, train_, model, STATE_VERSION),
+                      steps_per_epoch, total_steps, run_identity(cfg, train_, model),
                       param_counts(model))
     return run, artifacts
 
@@ -422,9 +412,8 @@ def train(run: InstructRun, state: TrainState, ckpt_root: Path, log: MetricLogge
             if state.step % cfg.eval_every == 0 or state.step == run.total_steps:
                 evaluate(run, state, log, bar)
             if state.step % cfg.checkpoint_every == 0 or state.step == run.total_steps:
-                state.save(ckpt_root, model, run.opt, cfg.keep_checkpoints, run.identity, "instruct", run.device)
-            if stop_after is not None and stop_after <= state.step < run.total_steps:
-                raise TrainingInterrupted(f"stopped after step {state.step} (test hook)")
+                state.save(ckpt_root, model, run.opt, cfg.keep_checkpoints, run.identity, "instruct")
+            stop_hook(stop_after, state.step, run.total_steps, "instruct")
 
 
 def train_batch(run: InstructRun, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -441,8 +430,7 @@ def evaluate(run: InstructRun, state: TrainState, log: MetricLogger, bar: tqdm) 
     va = loader_loss(run.model, run.ids["val"], run.prompt_lens["val"], run.cfg.batch_size, run.max_length,
                      run.cfg.eval_batches, run.device)
     state.sums = {"loss": 0.0, "count": 0}
-    for key, value in (("step", state.step), ("tokens_seen", state.tokens_seen), ("train_loss", tr),
-                       ("val_loss", va)):
+    for key, value in zip(HISTORY_KEYS, (state.step, state.tokens_seen, tr, va)):
         state.history[key].append(value)
     log({"train_loss": tr, **({"val_loss": va} if va is not None else {})}, state.step)
     bar.set_postfix(loss=f"{tr:.3f}", val=f"{va:.3f}" if va is not None else "-")
@@ -463,8 +451,8 @@ def finish(run: InstructRun, state: TrainState, out_dir: Path) -> tuple[Path, Op
     return model_dir, test_loss, artifacts
 
 
-def _result(run: InstructRun, state: TrainState, test_loss: Optional[float], timings: dict,
-            resumed_from: Optional[int], artifacts: list[Path], model_dir: Path, responses: Path) -> StageResult:
+def _result(run: InstructRun, state: TrainState, test_loss: Optional[float], timings: dict, artifacts: list[Path],
+            model_dir: Path, responses: Path) -> StageResult:
     cfg, history = run.cfg, state.history
     params_total, params_trainable = run.params
     final_val = next((v for v in reversed(history["val_loss"]) if v is not None), None)
@@ -478,7 +466,8 @@ def _result(run: InstructRun, state: TrainState, test_loss: Optional[float], tim
         metrics={k: float(v) for k, v in metrics.items() if v is not None},
         params={"prompt_format": cfg.prompt_format, "train_mode": cfg.train_mode, "mask_prompt": cfg.mask_prompt,
                 "max_length": run.max_length, "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
-                "lora_modules": len(run.wrapped), "resumed_from_step": resumed_from, "device": str(run.device),
+                "lora_modules": len(run.wrapped), "resumed_from_step": state.resumed_from,
+                "device": str(run.device),
                 "threads": torch.get_num_threads()},
         artifacts=artifacts,
         outputs={"model": model_dir, "responses": responses},
