@@ -57,7 +57,7 @@ from tqdm import tqdm
 from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
 from llm.config import DpoConfig, parse_overrides
 from llm.finetune import (encode_text, epoch_indices, merge_if_lora, param_counts, plot_train_val, run_identity,
-                          setup_trainable, write_splits)
+                          setup_trainable, step_plan, write_splits)
 from llm.instruct import split_records, write_responses
 from llm.model import EOT_ID, GPT
 from llm.prompts import format_input, format_prompt
@@ -327,12 +327,8 @@ def prepare_run(cfg: DpoConfig, data_file: Path, out_dir: Path, base_model: Path
     if not pairs["train"]:
         raise ValueError(f"{data_file}: no training pair has a response token within max_length {max_length}")
     opt = make_adamw(policy, cfg.lr, cfg.weight_decay, decay_all=True)  # the book's notebook decays everything
-    steps_per_epoch = max(1, len(pairs["train"]) // cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
     run = DpoRun(cfg, policy, reference, wrapped, opt, device, max_length, prompt_format, book, test, pairs,
-                 n_dropped, steps_per_epoch, total_steps, run_identity(cfg, train_, policy),
+                 n_dropped, *step_plan(len(pairs["train"]), cfg), run_identity(cfg, train_, policy),
                  param_counts(policy))
     return run, artifacts
 
@@ -377,8 +373,9 @@ def train(run: DpoRun, state: TrainState, ckpt_root: Path, log: MetricLogger, pr
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
             run.opt.step()
-            state.step, state.epoch_step, state.tokens_seen = state.step + 1, state.epoch_step + 1, \
-                state.tokens_seen + int(batch["chosen"].numel())
+            state.step += 1
+            state.epoch_step += 1
+            state.tokens_seen += int(batch["chosen"].numel())
             state.train_time += time.perf_counter() - t0
             bar.update(1)
             if state.step % cfg.eval_every == 0 or state.step == run.total_steps:

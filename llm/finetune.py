@@ -1,22 +1,25 @@
-"""Pieces shared by the two chat finetune recipes, llm/instruct.py and llm/dpo.py (not a stage of its own).
+"""Pieces shared by the two chat finetune recipes, llm/instruct.py and llm/dpo.py; no command line of its own
+(run the recipes: python -m llm.instruct / python -m llm.dpo).
 
-    from llm.finetune import write_splits, setup_trainable, merge_if_lora, param_counts, run_identity, \
-        epoch_indices, plot_train_val
-    artifacts = write_splits(out_dir, {"train": train, "test": test, "val": val}, columns)
+    from llm.finetune import write_splits, setup_trainable, merge_if_lora, run_identity, epoch_indices
+    artifacts = write_splits(out_dir, {"train": train, "test": test, "val": val}, columns)   # NAME.parquet
     wrapped = setup_trainable(model, cfg)             # LoRA adapters (cfg.train_mode "lora") or every parameter
     identity = run_identity(cfg, train, model)         # what a checkpoint must match to be resumed
     idx = epoch_indices(len(train), cfg.batch_size, cfg.seed, epoch, epoch_step)   # one batch's records
+    merge_if_lora(model, wrapped)                      # before saving: a plain GPT again
 
-Both recipes split the records the same way, train the same parameters (LoRA or all), shuffle each epoch
-with the same seeded permutation (torch.randperm seeded with seed * 100003 + epoch, drop_last), refuse to
-resume from checkpoints of another config/data/base model, and write the same kind of parquet and plot
-artifacts; the rest of each recipe (batches, loss, evaluation) stays in its own module.
+Both recipes encode text the same way (<|endoftext|> inside a record is plain text), train the same
+parameters (LoRA or all), shuffle each epoch with the same seeded permutation (torch.randperm seeded with
+seed * 100003 + epoch, sliced drop_last), refuse to resume from checkpoints of another config/data/base
+model, and write the same kind of parquet and plot artifacts. The loop state, optimizer, threads and device
+come from llm/training.py; the record split, the generation and the responses writer from llm/instruct.py;
+the rest of each recipe (batches, loss, evaluation) stays in its own module.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +27,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from llm.fsutil import save_figure
+from llm.fsutil import atomic_write_bytes, save_figure
 from llm.lora import apply_lora, merge_lora
 
 # config fields that may change between a run and its resume (they do not change the trained weights)
@@ -36,9 +39,10 @@ def encode_text(enc, text: str) -> list[int]:
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    """df as parquet, written atomically (llm.fsutil): a reader never sees half a file."""
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -79,6 +83,16 @@ def run_identity(cfg, train: Sequence[dict], model: nn.Module) -> dict:
     RESUMABLE_FIELDS), the training records, the model's shape."""
     return {"config": cfg.model_dump(mode="json", exclude=RESUMABLE_FIELDS),
             "data": data_digest(train), "model_config": model.cfg.to_dict()}
+
+
+def step_plan(n_train: int, cfg) -> tuple[int, int]:
+    """(steps per epoch, total steps): drop_last batches, at least one (short) batch per epoch; cfg.epochs
+    of them, at most cfg.max_steps."""
+    steps_per_epoch = max(1, n_train // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    return steps_per_epoch, total_steps
 
 
 def epoch_indices(n: int, batch_size: int, seed: int, epoch: int, epoch_step: int) -> list[int]:

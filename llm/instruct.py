@@ -69,7 +69,7 @@ from tqdm import tqdm
 from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
 from llm.config import InstructConfig, parse_overrides
 from llm.finetune import (encode_text, epoch_indices, merge_if_lora, param_counts, plot_train_val, run_identity,
-                          setup_trainable, write_parquet, write_splits)
+                          setup_trainable, step_plan, write_parquet, write_splits)
 from llm.generate import generate
 from llm.model import EOT_ID, GPT
 from llm.prompts import (ALPACA_PREAMBLE, RESPONSE_HEADER, _check_format, extract_response,  # noqa: F401 (re-exported)
@@ -374,13 +374,8 @@ def prepare_run(cfg: InstructConfig, data_file: Path, out_dir: Path, base_checkp
         if not cfg.mask_prompt:
             prompt_lens[name] = None
     opt = make_optimizer(model, cfg)
-    steps_per_epoch = max(1, len(train_) // cfg.batch_size)  # drop_last, at least one (short) batch
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
     run = InstructRun(cfg, model, wrapped, opt, device, min(cfg.max_length or ctx, ctx), splits, ids, prompt_lens,
-                      steps_per_epoch, total_steps, run_identity(cfg, train_, model),
-                      param_counts(model))
+                      *step_plan(len(train_), cfg), run_identity(cfg, train_, model), param_counts(model))
     return run, artifacts
 
 
@@ -403,8 +398,9 @@ def train(run: InstructRun, state: TrainState, ckpt_root: Path, log: MetricLogge
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
             run.opt.step()
-            state.step, state.epoch_step, state.tokens_seen = state.step + 1, state.epoch_step + 1, \
-                state.tokens_seen + int(x.numel())
+            state.step += 1
+            state.epoch_step += 1
+            state.tokens_seen += int(x.numel())
             state.sums["loss"] += float(loss.detach())
             state.sums["count"] += 1
             state.train_time += time.perf_counter() - t0
