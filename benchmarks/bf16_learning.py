@@ -42,7 +42,8 @@ def main() -> None:
     from llm.config import load_config
     from llm.shards import run_shard
     from llm.sources import load_sources
-    from llm.train import resolve_dtype, run_pretrain
+    from llm.precision import resolve_dtype
+    from llm.train import run_pretrain
 
     cfg = load_config(a.preset, overrides=a.overrides)
     sources = load_sources()

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from llm.generate import generate  # noqa: E402
 from llm.model import GPT, GPTConfig  # noqa: E402
 from llm.tokenizer import get_encoding  # noqa: E402
-from llm.train import book_init_  # noqa: E402
+from llm.pretrain_rules import book_init_  # noqa: E402
 
 
 def main() -> None:

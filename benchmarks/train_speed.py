@@ -13,7 +13,7 @@ For each config it prints, per variant, ms/step, tokens/s, the ratio to the book
 MFU against the peak of the precision that variant computes in (fp32 or bf16 matmul peak, a large
 square matmul measured in the same run); FLOPs per token are the PaLM estimate 6N + 12*L*d*T
 (llm.model.GPT.flops_per_token). The row "llmpipe default" is what `dtype: auto` picks here for that
-model (llm.train.resolve_dtype; the reason is printed). All variants of a config run round-robin
+model (llm.precision.resolve_dtype; the reason is printed). All variants of a config run round-robin
 (book, fp32, bf16, book, ...) so load from other processes slows them alike. On the tiny config it
 also measures the share of the 50257-wide output head (its matmul and the cross-entropy).
 
@@ -41,7 +41,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from llm.model import GPT, GPTConfig  # noqa: E402
-from llm.train import batch_loss, cpu_bf16_instructions, make_optimizer, resolve_dtype  # noqa: E402
+from llm.precision import cpu_bf16_instructions, resolve_dtype  # noqa: E402
+from llm.pretrain_data import batch_loss  # noqa: E402
+from llm.train import make_optimizer  # noqa: E402
 from llm.config import PretrainConfig  # noqa: E402
 
 CONFIGS = {

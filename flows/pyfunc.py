@@ -105,10 +105,10 @@ class LlmpipeModel(mlflow.pyfunc.PythonModel):
                    for r in _rows(model_input, ["instruction", "input"])]
             return pd.DataFrame({"response": out})
         from llm.generate import generate
+        from llm.procenv import allowed_cores
         from llm.tokenizer import get_encoding
-        from llm.train import free_cores
 
-        torch.set_num_threads(free_cores())  # as `llmpipe generate` does, so both give the same tokens
+        torch.set_num_threads(allowed_cores())  # as `llmpipe generate` does, so both give the same tokens
         enc = get_encoding()
         texts = []
         for r in _rows(model_input, ["prompt"]):

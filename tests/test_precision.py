@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.train import (BF16_CPU_MIN_WIDTH, TrainingInterrupted, batch_loss, bf16_cache_key, cpu_bf16_fast,
-                       cpu_bf16_instructions, make_optimizer, resolve_dtype, run_pretrain)
+from llm.precision import (BF16_CPU_MIN_WIDTH, bf16_cache_key, cpu_bf16_fast, cpu_bf16_instructions,
+                           resolve_dtype)
+from llm.pretrain_data import batch_loss
+from llm.train import make_optimizer, run_pretrain
+from llm.training import TrainingInterrupted
 from test_train import TINY, shards, tiny_cfg, weights  # noqa: F401  (shards is a fixture)
 
 CPU = torch.device("cpu")

@@ -22,8 +22,11 @@ from llm.checkpoint import load_model
 from llm.config import PretrainConfig, ShardConfig
 from llm.model import GPT, GPTConfig
 from llm.shards import TokenWindows, read_tokens, run_shard
-from llm.train import (DataOrder, TrainingInterrupted, book_init_, draw_seed, list_checkpoints, lr_at,
-                       param_groups, run_pretrain)
+from llm.checkpoint import list_checkpoints
+from llm.pretrain_data import DataOrder
+from llm.pretrain_rules import book_init_, draw_seed
+from llm.train import lr_at, run_pretrain
+from llm.training import TrainingInterrupted, param_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the a of and to in he she it was his her that with as for had you not be on at by but they "
