@@ -30,7 +30,7 @@ What happens, top to bottom (`run_dpo`):
      `train_reward_margin`, `val_reward_margin` (mean chosen reward - mean rejected reward, the book's
      margin) over the first cfg.eval_batches batches of each split in order, and `val_reward_accuracy`
      (share of val pairs whose chosen reward beats the rejected one) go to `log(metrics, step)`.
-     Checkpoints every cfg.checkpoint_every steps and at the end (llm.train's format, stage "dpo");
+     Checkpoints every cfg.checkpoint_every steps and at the end (llm.training.TrainState, stage "dpo");
      re-running with the same out_dir resumes and ends exactly where an uninterrupted run would.
   7. responses for the test split with the instruct stage's generation (llm.instruct.respond: greedy, KV
      cache, stop at <|endoftext|>, cfg.max_new_tokens, the first cfg.test_limit records): responses.parquet
@@ -44,25 +44,33 @@ import json
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
-from llm.config import DpoConfig
-from llm.fsutil import save_figure
+from llm.config import DpoConfig, parse_overrides
+from llm.finetune import (encode_text, epoch_indices, merge_if_lora, param_counts, plot_train_val, run_identity,
+                          setup_trainable, step_plan, write_splits)
+from llm.instruct import split_records, write_responses
 from llm.model import EOT_ID, GPT
 from llm.prompts import format_input, format_prompt
 from llm.records import read_records
 from llm.result import MetricLogger, StageResult, log_or_null
+from llm.tokenizer import get_encoding
+from llm.training import TrainingInterrupted  # noqa: F401 (re-exported: the tests' stop_after hook raises it)
+from llm.training import TrainState, make_adamw, pick_device, stop_hook, torch_threads
 
 FIELDS = ("instruction", "input", "output", "chosen", "rejected")
-STATE_VERSION = 1
+HISTORY_KEYS = ("step", "dpo_train_loss", "dpo_val_loss", "train_reward_margin", "val_reward_margin",
+                "val_reward_accuracy", "train_chosen_reward", "train_rejected_reward", "val_chosen_reward",
+                "val_rejected_reward")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,16 +102,12 @@ def load_preference_records(path: str | Path) -> list[dict]:
     return records
 
 
-def _encode(enc, text: str) -> list[int]:
-    return enc.encode(text, disallowed_special=())  # "<|endoftext|>" inside a record is plain text
-
-
 def encode_pair(enc, entry: dict, prompt_format: str = "alpaca") -> dict:
     """The book's PreferenceDataset item: {"prompt", "chosen", "rejected"} token ids."""
     prompt = format_input(entry, prompt_format)
     head = format_prompt(entry, prompt_format)  # alpaca: prompt + "\n\n### Response:\n", as the book writes it
-    return {"prompt": _encode(enc, prompt), "chosen": _encode(enc, head + entry["chosen"]),
-            "rejected": _encode(enc, head + entry["rejected"])}
+    return {"prompt": encode_text(enc, prompt), "chosen": encode_text(enc, head + entry["chosen"]),
+            "rejected": encode_text(enc, head + entry["rejected"])}
 
 
 def collate_pairs(batch: Sequence[dict], pad_token_id: int = EOT_ID, allowed_max_length: Optional[int] = None,
@@ -223,42 +227,37 @@ def evaluate_pairs(policy: nn.Module, reference: nn.Module, pairs: Sequence[dict
 # Artifacts
 # --------------------------------------------------------------------------------------------
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
-
-
 def plot_margins(history: dict, path: Path) -> Path:
     """Train and val reward margin per optimizer step (the book's reward-margin figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(history["step"], history["train_reward_margin"], label="Training reward margin")
-    val = [(s, v) for s, v in zip(history["step"], history["val_reward_margin"]) if v is not None]
-    if val:
-        ax.plot(*zip(*val), linestyle="-.", label="Validation reward margin")
-    ax.set_xlabel("Optimizer step")
-    ax.set_ylabel("Reward margin")
-    ax.set_title("DPO preference tuning")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised by the `stop_after` test hook, as if the run had been killed after that step."""
+    return plot_train_val(history, "train_reward_margin", "val_reward_margin",
+                          ("Training reward margin", "Validation reward margin"), "Reward margin",
+                          "DPO preference tuning", "upper left", path)
 
 
 # --------------------------------------------------------------------------------------------
-# The stage
+# The stage: run_dpo → prepare_run → evaluate (step 0) → train → finish → write_responses
 # --------------------------------------------------------------------------------------------
+
+@dataclass
+class DpoRun:
+    """Everything the training loop and the evaluations need, built once by `prepare_run`."""
+    cfg: DpoConfig
+    policy: GPT
+    reference: GPT                    # the instruct model, frozen, in eval mode
+    wrapped: list[str]                # LoRA-wrapped module names of the policy (empty: full finetune)
+    opt: torch.optim.Optimizer
+    device: torch.device
+    max_length: int
+    prompt_format: str                # the instruct model's
+    book: bool                        # the instruct model's book_compat: generate as it does
+    test: list[dict]                  # test records (for the responses)
+    pairs: dict[str, list[dict]]      # encoded train and val pairs with a response token within max_length
+    n_dropped: int                    # pairs without one
+    steps_per_epoch: int
+    total_steps: int
+    identity: dict                    # what a checkpoint must match to be resumed
+    params: tuple[int, int]           # (total, trainable) parameters before LoRA is merged
+
 
 def run_dpo(cfg: DpoConfig, data_file: Path, out_dir: Path, base_model: Path, progress: bool = True,
             log: Optional[MetricLogger] = None, stop_after: Optional[int] = None) -> StageResult:
@@ -267,206 +266,164 @@ def run_dpo(cfg: DpoConfig, data_file: Path, out_dir: Path, base_model: Path, pr
     Returns metrics (dpo losses, reward margins and accuracy at the start and the end, split sizes, steps,
     timings), artifacts and outputs {"model", "responses"}. `stop_after` (tests) raises TrainingInterrupted
     after that optimizer step, as a kill would."""
-    from llm.train import free_cores
+    with torch_threads(cfg.threads):
+        t_start = time.time()
+        out_dir, log = Path(out_dir), log_or_null(log)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run, artifacts = prepare_run(cfg, Path(data_file), out_dir, Path(base_model))
+        ckpt_root = out_dir / "checkpoints"
+        state = (TrainState.load(ckpt_root, run.policy, run.opt, run.device, run.identity, "dpo")
+                 or TrainState(history={k: [] for k in HISTORY_KEYS}))
+        if not state.history["step"]:
+            evaluate(run, state, log)  # step 0, policy == reference: loss log(2), margins 0
+        train(run, state, ckpt_root, log, progress, stop_after)
+        model_dir, more = finish(run, state, out_dir)
+        rows, responses, gen_seconds = write_responses(
+            run.policy, get_encoding(), run.test, run.prompt_format, cfg.max_new_tokens, run.book, cfg.test_limit,
+            out_dir, progress, "dpo responses")
+        artifacts += more + [responses, out_dir / "responses.json", out_dir / "history.json"]
+        timings = {"n_responses": len(rows), "generate_seconds": gen_seconds, "seconds": time.time() - t_start}
+        return _result(run, state, timings, artifacts, model_dir, responses)
 
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or free_cores())
-    try:
-        return _run_dpo(cfg, Path(data_file), Path(out_dir), Path(base_model), progress, log, stop_after)
-    finally:
-        torch.set_num_threads(old_threads)
 
-
-def _run_dpo(cfg: DpoConfig, data_file: Path, out_dir: Path, base_model: Path, progress: bool,
-             log: Optional[MetricLogger], stop_after: Optional[int]) -> StageResult:
-    from tqdm import tqdm
-
-    from llm.instruct import _data_digest, respond, split_records
-    from llm.tokenizer import get_encoding
-    from llm.train import _rng_json, _rng_tensors, param_groups, resume_finetune, save_checkpoint
-
-    log = log_or_null(log)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    # 1. data
+def prepare_run(cfg: DpoConfig, data_file: Path, out_dir: Path, base_model: Path) -> tuple[DpoRun, list[Path]]:
+    """Records split and written as parquets, policy and frozen reference, encoded pairs, optimizer, step plan."""
+    device = pick_device("auto")
     records = load_preference_records(data_file)
-    train, test, val = split_records(records, cfg.shuffle, cfg.seed, cfg.max_records)
-    if not train:
+    train_, test, val = split_records(records, cfg.shuffle, cfg.seed, cfg.max_records)
+    if not train_:
         raise ValueError(f"{data_file}: {len(records)} records give an empty training split; need at least 2")
-    artifacts: list[Path] = []
-    for name, part in (("train", train), ("test", test), ("val", val)):
-        artifacts.append(_write_parquet(pd.DataFrame(part, columns=list(FIELDS)), out_dir / f"{name}.parquet"))
-
-    # 2. policy and frozen reference
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    artifacts = write_splits(out_dir, {"train": train_, "test": test, "val": val}, FIELDS)
     meta = read_config(base_model).get("llmpipe", {})
     prompt_format = meta.get("prompt_format", "alpaca")
     book = bool(meta.get("book_compat", False))  # the instruct stage's generation, book mode included
+    policy, reference, wrapped = prepare_models(cfg, base_model, device)
+    ctx = policy.cfg.context_length
+    max_length = min(cfg.max_length or ctx, ctx)
+    pairs, n_dropped = encode_splits(get_encoding(), {"train": train_, "val": val}, prompt_format, max_length)
+    if not pairs["train"]:
+        raise ValueError(f"{data_file}: no training pair has a response token within max_length {max_length}")
+    opt = make_adamw(policy, cfg.lr, cfg.weight_decay, decay_all=True)  # the book's notebook decays everything
+    run = DpoRun(cfg, policy, reference, wrapped, opt, device, max_length, prompt_format, book, test, pairs,
+                 n_dropped, *step_plan(len(pairs["train"]), cfg), run_identity(cfg, train_, policy),
+                 param_counts(policy))
+    return run, artifacts
+
+
+def prepare_models(cfg: DpoConfig, base_model: Path, device: torch.device) -> tuple[GPT, GPT, list[str]]:
+    """(policy with its trainable parameters, frozen reference copy, LoRA-wrapped module names), on device."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     policy = load_model(base_model)
     reference = copy.deepcopy(policy).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
-    wrapped: list[str] = []
-    if cfg.train_mode == "lora":
-        from llm.lora import apply_lora
+    wrapped = setup_trainable(policy, cfg)
+    return policy.to(device), reference.to(device), wrapped
 
-        wrapped = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    else:
-        for p in policy.parameters():
-            p.requires_grad_(True)
-    policy.to(device)
-    reference.to(device)
-    ctx = policy.cfg.context_length
-    max_length = min(cfg.max_length or ctx, ctx)
-    enc = get_encoding()
-    encoded = {name: [encode_pair(enc, r, prompt_format) for r in part] for name, part in (("train", train),
-                                                                                              ("val", val))}
-    train_pairs = [p for p in encoded["train"] if usable(p, max_length)]
-    val_pairs = [p for p in encoded["val"] if usable(p, max_length)]
-    if not train_pairs:
-        raise ValueError(f"{data_file}: no training pair has a response token within max_length {max_length}")
-    dropped = len(encoded["train"]) + len(encoded["val"]) - len(train_pairs) - len(val_pairs)
-    params_total = sum(p.numel() for p in {id(p): p for p in policy.parameters()}.values())
-    params_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
 
-    # 3. optimizer (the book: AdamW over every policy parameter, weight decay on all of them)
-    groups = param_groups(policy, cfg.weight_decay, decay_all=True)
-    try:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    steps_per_epoch = max(1, len(train_pairs) // cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    identity = {"version": STATE_VERSION,
-                "config": cfg.model_dump(mode="json", exclude={"test_limit", "max_new_tokens", "threads",
-                                                               "checkpoint_every", "keep_checkpoints"}),
-                "data": _data_digest(train), "model_config": policy.cfg.to_dict()}
+def encode_splits(enc, splits: dict[str, list[dict]], prompt_format: str, max_length: int
+                  ) -> tuple[dict[str, list[dict]], int]:
+    """The `usable` encoded pairs of each split, and how many pairs were dropped."""
+    encoded = {name: [encode_pair(enc, r, prompt_format) for r in part] for name, part in splits.items()}
+    pairs = {name: [p for p in part if usable(p, max_length)] for name, part in encoded.items()}
+    return pairs, sum(len(encoded[n]) - len(pairs[n]) for n in encoded)
 
-    ckpt_root = out_dir / "checkpoints"
-    step, epoch, epoch_step, tokens_seen, train_time = 0, 0, 0, 0, 0.0
-    keys = ("step", "dpo_train_loss", "dpo_val_loss", "train_reward_margin", "val_reward_margin",
-            "val_reward_accuracy", "train_chosen_reward", "train_rejected_reward", "val_chosen_reward",
-            "val_rejected_reward")
-    history: dict = {k: [] for k in keys}
-    resumed_from = None
-    state = resume_finetune(ckpt_root, identity, policy, opt, device, "dpo")
-    if state is not None:
-        step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
-        tokens_seen, train_time, history = state["tokens_seen"], state["train_time"], state["history"]
-        resumed_from = step
 
-    def save(step_now: int) -> None:
-        st = {"identity": identity, "step": step_now, "epoch": epoch, "epoch_step": epoch_step,
-              "tokens_seen": tokens_seen, "train_time": train_time, "history": history, "rng": _rng_json()}
-        save_checkpoint(ckpt_root, step_now, policy, opt, st, _rng_tensors(device), cfg.keep_checkpoints,
-                        stage="dpo")
-
-    def evaluate(step_now: int) -> None:
-        tr = evaluate_pairs(policy, reference, train_pairs, cfg.batch_size, max_length, cfg.beta,
-                            cfg.eval_batches, device)
-        va = evaluate_pairs(policy, reference, val_pairs, cfg.batch_size, max_length, cfg.beta,
-                            cfg.eval_batches, device)
-        row = {"step": step_now, "dpo_train_loss": tr["loss"], "train_reward_margin": tr["margin"],
-               "train_chosen_reward": tr["chosen_reward"], "train_rejected_reward": tr["rejected_reward"],
-               "dpo_val_loss": va and va["loss"], "val_reward_margin": va and va["margin"],
-               "val_reward_accuracy": va and va["accuracy"], "val_chosen_reward": va and va["chosen_reward"],
-               "val_rejected_reward": va and va["rejected_reward"]}
-        for k in keys:
-            history[k].append(row[k])
-        log({k: v for k, v in row.items() if k != "step" and v is not None}, step_now)
-
-    # 4. training
-    if not history["step"]:
-        evaluate(0)  # policy == reference: loss log(2), margins 0
-    bar = tqdm(total=total_steps, initial=step, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True)
-    perm = None
+def train(run: DpoRun, state: TrainState, ckpt_root: Path, log: MetricLogger, progress: bool,
+          stop_after: Optional[int]) -> None:
+    """Optimizer steps from state.step to run.total_steps: evaluate every cfg.eval_every steps, checkpoint every
+    cfg.checkpoint_every steps, both at the end too."""
+    cfg, policy, pairs = run.cfg, run.policy, run.pairs["train"]
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="dpo", unit="step", disable=not progress,
+               dynamic_ncols=True)
     policy.train()
-    while step < total_steps:
-        if perm is None or epoch_step >= steps_per_epoch:
-            if epoch_step >= steps_per_epoch:
-                epoch, epoch_step = epoch + 1, 0
-            perm = torch.randperm(len(train_pairs),
-                                  generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        t0 = time.perf_counter()
-        idx = perm[epoch_step * cfg.batch_size:(epoch_step + 1) * cfg.batch_size].tolist()
-        batch = collate_pairs([train_pairs[i] for i in idx], allowed_max_length=max_length, device=device)
-        r = batch_dpo(policy, reference, batch, cfg.beta)
-        opt.zero_grad(set_to_none=True)
-        r["loss"].backward()
-        opt.step()
-        step += 1
-        epoch_step += 1
-        tokens_seen += int(batch["chosen"].numel())
-        train_time += time.perf_counter() - t0
-        bar.update(1)
-        if step % cfg.eval_every == 0 or step == total_steps:
-            evaluate(step)
-            bar.set_postfix(loss=f"{history['dpo_train_loss'][-1]:.3f}",
-                            margin=f"{history['train_reward_margin'][-1]:.3f}")
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
-            save(step)
-        if stop_after is not None and step >= stop_after and step < total_steps:
-            bar.close()
-            raise TrainingInterrupted(f"stopped after step {step} (test hook)")
-    bar.close()
+    with bar:
+        while state.step < run.total_steps:
+            if state.epoch_step >= run.steps_per_epoch:
+                state.epoch, state.epoch_step = state.epoch + 1, 0
+            t0 = time.perf_counter()
+            idx = epoch_indices(len(pairs), cfg.batch_size, cfg.seed, state.epoch, state.epoch_step)
+            batch = collate_pairs([pairs[i] for i in idx], allowed_max_length=run.max_length, device=run.device)
+            loss = batch_dpo(policy, run.reference, batch, cfg.beta)["loss"]
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            run.opt.step()
+            state.step += 1
+            state.epoch_step += 1
+            state.tokens_seen += int(batch["chosen"].numel())
+            state.train_time += time.perf_counter() - t0
+            bar.update(1)
+            if state.step % cfg.eval_every == 0 or state.step == run.total_steps:
+                evaluate(run, state, log)
+                bar.set_postfix(loss=f"{state.history['dpo_train_loss'][-1]:.3f}",
+                                margin=f"{state.history['train_reward_margin'][-1]:.3f}")
+            if state.step % cfg.checkpoint_every == 0 or state.step == run.total_steps:
+                state.save(ckpt_root, policy, run.opt, cfg.keep_checkpoints, run.identity, "dpo")
+            stop_hook(stop_after, state.step, run.total_steps, "dpo")
 
-    # 5. final model (LoRA merged)
-    if wrapped:
-        from llm.lora import merge_lora
 
-        merge_lora(policy)
-    policy.eval()
-    model_dir = save_model(policy, out_dir / "model", extra={
-        "tokenizer": "gpt2", "task": "instruct", "stage": "dpo", "prompt_format": prompt_format, "steps": step,
-        "train_mode": cfg.train_mode, "max_length": max_length, "beta": cfg.beta, "book_compat": book})
-    artifacts.append(plot_margins(history, out_dir / "reward_margin.png"))
-    atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
+def evaluate(run: DpoRun, state: TrainState, log: MetricLogger) -> None:
+    """DPO loss, rewards and margin on the first cfg.eval_batches batches of train and val (and the val
+    accuracy) into state.history and `log`, at state.step."""
+    cfg = run.cfg
+    tr, va = (evaluate_pairs(run.policy, run.reference, run.pairs[name], cfg.batch_size, run.max_length, cfg.beta,
+                             cfg.eval_batches, run.device) for name in ("train", "val"))
+    row = {"step": state.step, "dpo_train_loss": tr["loss"], "train_reward_margin": tr["margin"],
+           "train_chosen_reward": tr["chosen_reward"], "train_rejected_reward": tr["rejected_reward"],
+           "dpo_val_loss": va and va["loss"], "val_reward_margin": va and va["margin"],
+           "val_reward_accuracy": va and va["accuracy"], "val_chosen_reward": va and va["chosen_reward"],
+           "val_rejected_reward": va and va["rejected_reward"]}
+    for k in HISTORY_KEYS:
+        state.history[k].append(row[k])
+    log({k: v for k, v in row.items() if k != "step" and v is not None}, state.step)
 
-    # 6. responses on the test split (the instruct stage's generation)
-    limit = len(test) if cfg.test_limit is None else min(cfg.test_limit, len(test))
-    rows = []
-    t_gen = time.time()
-    for entry in tqdm(test[:limit], desc="dpo responses", unit="record", disable=not progress, dynamic_ncols=True):
-        rows.append({**{f: entry[f] for f in ("instruction", "input", "output")},
-                     "response": respond(policy, enc, entry, prompt_format, cfg.max_new_tokens, book=book)})
-    gen_seconds = time.time() - t_gen
-    responses = _write_parquet(pd.DataFrame(rows, columns=["instruction", "input", "output", "response"]),
-                               out_dir / "responses.parquet")
-    atomic_write_text(out_dir / "responses.json", json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
-    artifacts += [responses, out_dir / "responses.json", out_dir / "history.json"]
 
-    def last(k):
-        return next((v for v in reversed(history[k]) if v is not None), None)
+def finish(run: DpoRun, state: TrainState, out_dir: Path) -> tuple[Path, list[Path]]:
+    """The final policy (LoRA merged) in out_dir/model, reward_margin.png and history.json."""
+    cfg = run.cfg
+    merge_if_lora(run.policy, run.wrapped)
+    run.policy.eval()
+    model_dir = save_model(run.policy, out_dir / "model", extra={
+        "tokenizer": "gpt2", "task": "instruct", "stage": "dpo", "prompt_format": run.prompt_format,
+        "steps": state.step, "train_mode": cfg.train_mode, "max_length": run.max_length, "beta": cfg.beta,
+        "book_compat": run.book})
+    artifacts = [plot_margins(state.history, out_dir / "reward_margin.png")]
+    atomic_write_text(out_dir / "history.json", json.dumps(state.history, indent=1))
+    return model_dir, artifacts
 
-    metrics = {"dpo_train_loss": last("dpo_train_loss"), "dpo_val_loss": last("dpo_val_loss"),
-               "train_reward_margin": last("train_reward_margin"), "val_reward_margin": last("val_reward_margin"),
-               "val_reward_accuracy": last("val_reward_accuracy"),
-               "val_reward_margin_start": history["val_reward_margin"][0],
-               "val_reward_accuracy_start": history["val_reward_accuracy"][0],
-               "n_train": len(train_pairs), "n_val": len(val_pairs), "n_test": len(test), "n_dropped": dropped,
-               "n_responses": len(rows), "steps": step, "tokens_seen": tokens_seen, "train_seconds": train_time,
-               "generate_seconds": gen_seconds, "seconds": time.time() - t_start,
+
+def _last(history: dict, key: str):
+    return next((v for v in reversed(history[key]) if v is not None), None)
+
+
+def _result(run: DpoRun, state: TrainState, timings: dict, artifacts: list[Path], model_dir: Path,
+            responses: Path) -> StageResult:
+    cfg, h = run.cfg, state.history
+    params_total, params_trainable = run.params
+    metrics = {**{k: _last(h, k) for k in ("dpo_train_loss", "dpo_val_loss", "train_reward_margin",
+                                             "val_reward_margin", "val_reward_accuracy")},
+               "val_reward_margin_start": h["val_reward_margin"][0],
+               "val_reward_accuracy_start": h["val_reward_accuracy"][0],
+               "n_train": len(run.pairs["train"]), "n_val": len(run.pairs["val"]), "n_test": len(run.test),
+               "n_dropped": run.n_dropped, "n_responses": timings["n_responses"], "steps": state.step,
+               "tokens_seen": state.tokens_seen, "train_seconds": state.train_time,
+               "generate_seconds": timings["generate_seconds"], "seconds": timings["seconds"],
                "params_trainable": params_trainable, "params_total": params_total}
     return StageResult(
         metrics={k: float(v) for k, v in metrics.items() if v is not None},
-        params={"prompt_format": prompt_format, "train_mode": cfg.train_mode, "beta": cfg.beta,
-                "max_length": max_length, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                "lora_modules": len(wrapped), "resumed_from_step": resumed_from, "device": str(device),
-                "threads": torch.get_num_threads()},
+        params={"prompt_format": run.prompt_format, "train_mode": cfg.train_mode, "beta": cfg.beta,
+                "max_length": run.max_length, "steps_per_epoch": run.steps_per_epoch,
+                "total_steps": run.total_steps, "lora_modules": len(run.wrapped),
+                "resumed_from_step": state.resumed_from,
+                "device": str(run.device), "threads": torch.get_num_threads()},
         artifacts=artifacts,
         outputs={"model": model_dir, "responses": responses},
     )
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from llm.config import parse_overrides
-
     ap = argparse.ArgumentParser(prog="python -m llm.dpo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="preference JSON/JSONL file (instruction, input, output, "
                                                   "chosen, rejected)")

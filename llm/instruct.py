@@ -35,7 +35,7 @@ What happens, top to bottom (`run_instruct`):
      (drop_last, like the book's DataLoader), cfg.max_steps; every cfg.eval_every steps the mean
      train loss since the last eval and the val loss (cfg.eval_batches batches, None = all) go to
      `log({"train_loss", "val_loss"}, step)`; checkpoints in out_dir/checkpoints/step-XXXXXX
-     (weights, optimizer, RNG, data position; llm.train's format) every cfg.checkpoint_every steps
+     (weights, optimizer, RNG, data position: llm.training.TrainState) every cfg.checkpoint_every steps
      and at the end. Re-running with the same out_dir resumes and ends exactly where an
      uninterrupted run would.
   6. responses: greedy generation with the KV cache (llm.generate.generate, stop at 50256,
@@ -51,12 +51,11 @@ What happens, top to bottom (`run_instruct`):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -65,19 +64,25 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
-from llm.config import InstructConfig
-from llm.fsutil import save_figure
+from llm.config import InstructConfig, parse_overrides
+from llm.finetune import (encode_text, epoch_indices, merge_if_lora, param_counts, plot_train_val, run_identity,
+                          setup_trainable, step_plan, write_parquet, write_splits)
+from llm.generate import generate
 from llm.model import EOT_ID, GPT
 from llm.prompts import (ALPACA_PREAMBLE, RESPONSE_HEADER, _check_format, extract_response,  # noqa: F401 (re-exported)
                          format_example, format_input, format_prompt)
 from llm.records import read_records
 from llm.result import MetricLogger, StageResult, log_or_null
+from llm.tokenizer import get_encoding
+from llm.training import TrainingInterrupted  # noqa: F401 (re-exported: the tests' stop_after hook raises it)
+from llm.training import TrainState, load_base, make_adamw, pick_device, stop_hook, torch_threads
 
 FIELDS = ("instruction", "input", "output")
 IGNORE_INDEX = -100
-STATE_VERSION = 1
+HISTORY_KEYS = ("step", "tokens_seen", "train_loss", "val_loss")
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,16 +134,12 @@ def split_records(records: Sequence[dict], shuffle: bool = False, seed: int = 12
 # Prompt formats (format_input, format_prompt, format_example, extract_response: llm/prompts.py)
 # --------------------------------------------------------------------------------------------
 
-def _encode(enc, text: str) -> list[int]:
-    return enc.encode(text, disallowed_special=())  # "<|endoftext|>" inside a record is plain text
-
-
 def encode_examples(enc, records: Sequence[dict], prompt_format: str) -> tuple[list[list[int]], list[int]]:
     """(token ids of each full example, number of leading prompt tokens of each)."""
     seqs, prompt_lens = [], []
     for r in records:
-        ids = _encode(enc, format_example(r, prompt_format))
-        p = _encode(enc, format_prompt(r, prompt_format))
+        ids = encode_text(enc, format_example(r, prompt_format))
+        p = encode_text(enc, format_prompt(r, prompt_format))
         n = 0
         while n < min(len(p), len(ids)) and p[n] == ids[n]:  # a BPE merge across the boundary is rare
             n += 1
@@ -175,42 +176,19 @@ def collate(batch: Sequence[Sequence[int]], pad_token_id: int = EOT_ID, ignore_i
 
 
 # --------------------------------------------------------------------------------------------
-# Model, training helpers
+# Model, loss
 # --------------------------------------------------------------------------------------------
 
-def load_base(cfg: InstructConfig, base_checkpoint: Optional[Path]) -> GPT:
-    """The GPT to finetune: the pretrain stage's checkpoint, or llm.weights.load_pretrained(cfg.init)."""
-    if cfg.init == "pretrain":
-        if base_checkpoint is None:
-            raise ValueError("instruct.init is 'pretrain' but no pretrain checkpoint was given (base_checkpoint=None)")
-        return load_model(base_checkpoint)
-    from llm.weights import load_pretrained
-
-    return load_pretrained(cfg.init)
-
-
 def prepare_model(cfg: InstructConfig, base_checkpoint: Optional[Path]) -> tuple[GPT, list[str]]:
+    """The base model with its trainable parameters (LoRA adapters, the book's with book_compat, or all)."""
     torch.manual_seed(cfg.seed)
-    model = load_base(cfg, base_checkpoint)
-    wrapped: list[str] = []
-    if cfg.train_mode == "lora":
-        from llm.lora import apply_lora
-
-        wrapped = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, book=cfg.book_compat)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    return model, wrapped
+    model = load_base(cfg.init, base_checkpoint, "instruct")
+    return model, setup_trainable(model, cfg, book=cfg.book_compat)
 
 
 def make_optimizer(model: nn.Module, cfg: InstructConfig) -> torch.optim.Optimizer:
-    from llm.train import param_groups
-
-    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.book_compat)  # the book decays every parameter
-    try:  # fused: the same update as the book's AdamW, much faster over the embedding on CPU
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+    """AdamW, weight decay on matrices only; book_compat: on every parameter, as the book does."""
+    return make_adamw(model, cfg.lr, cfg.weight_decay, decay_all=cfg.book_compat)
 
 
 def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -241,44 +219,37 @@ def loader_loss(model: nn.Module, seqs: Sequence[Sequence[int]], prompt_lens: Op
     return sum(losses) / len(losses)
 
 
-def _data_digest(train: Sequence[dict]) -> str:
-    return hashlib.sha256(json.dumps(list(train), sort_keys=True).encode()).hexdigest()
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised by the `stop_after` test hook, as if the run had been killed after that step."""
-
-
 # --------------------------------------------------------------------------------------------
-# Generation
+# Generation (also the dpo stage's and the served model's)
 # --------------------------------------------------------------------------------------------
 
 def respond(model: GPT, enc, entry: dict, prompt_format: str, max_new_tokens: int, book: bool = False) -> str:
-    """Greedy response of `model` to one record (KV cache, stop at <|endoftext|>).
+    """Greedy response of `model` to one record (KV cache, stop at <|endoftext|>); book: `respond_book`.
 
-    book (the book's chapter 7): the prompt is format_input alone, without the response header, never
-    cropped; past the context the window slides token by token as the book's generate does; the response
-    header the model writes is stripped afterwards."""
-    from llm.generate import generate
-
-    ctx = model.cfg.context_length
+    The prompt ends with the response header; a prompt too long for the context keeps its end."""
     if book:
-        ids = _encode(enc, format_input(entry, prompt_format))
-        new = generate(model, ids, max_new_tokens, temperature=0.0, eos_id=EOT_ID,
-                       use_cache=len(ids) + max_new_tokens <= ctx)
-        return extract_response(enc.decode(new), prompt_format)
-    ids = _encode(enc, format_prompt(entry, prompt_format))
+        return respond_book(model, enc, entry, prompt_format, max_new_tokens)
+    ctx = model.cfg.context_length
+    ids = encode_text(enc, format_prompt(entry, prompt_format))
     if len(ids) + max_new_tokens > ctx:  # keep the end (the response header) of a long prompt
         ids = ids[-max(ctx - max_new_tokens, ctx // 2):]
     new = generate(model, ids, max_new_tokens, temperature=0.0, eos_id=EOT_ID, use_cache=True)
     return extract_response(enc.decode(new), prompt_format)
 
 
+def respond_book(model: GPT, enc, entry: dict, prompt_format: str, max_new_tokens: int) -> str:
+    """The book's chapter 7 generation: the prompt is format_input alone, without the response header, never
+    cropped; past the context the window slides token by token as the book's generate does; the response
+    header the model writes is stripped afterwards."""
+    ids = encode_text(enc, format_input(entry, prompt_format))
+    new = generate(model, ids, max_new_tokens, temperature=0.0, eos_id=EOT_ID,
+                   use_cache=len(ids) + max_new_tokens <= model.cfg.context_length)
+    return extract_response(enc.decode(new), prompt_format)
+
+
 def answer(model_dir: str | Path, instruction: str, input: str = "", max_new_tokens: int = 256,
            prompt_format: Optional[str] = None) -> str:
     """Ask an instruction-finetuned checkpoint (out_dir/model of run_instruct) one question."""
-    from llm.tokenizer import get_encoding
-
     model_dir = Path(model_dir)
     meta = read_config(model_dir).get("llmpipe", {})
     fmt = prompt_format or meta.get("prompt_format", "alpaca")
@@ -287,39 +258,49 @@ def answer(model_dir: str | Path, instruction: str, input: str = "", max_new_tok
                    max_new_tokens, book=bool(meta.get("book_compat", False)))
 
 
-# --------------------------------------------------------------------------------------------
-# Artifacts
-# --------------------------------------------------------------------------------------------
-
-def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+def write_responses(model: GPT, enc, records: Sequence[dict], prompt_format: str, max_new_tokens: int, book: bool,
+                    limit: Optional[int], out_dir: Path, progress: bool, desc: str) -> tuple[list[dict], Path, float]:
+    """`respond` to the first `limit` records (None: all) into out_dir/responses.parquet and responses.json
+    (instruction, input, output, response). Returns (rows, the parquet path, generation seconds)."""
+    limit = len(records) if limit is None else min(limit, len(records))
+    columns = ["instruction", "input", "output", "response"]
+    rows = []
+    t_gen = time.time()
+    for entry in tqdm(records[:limit], desc=desc, unit="record", disable=not progress, dynamic_ncols=True):
+        rows.append({**{f: entry[f] for f in columns[:3]},
+                     "response": respond(model, enc, entry, prompt_format, max_new_tokens, book=book)})
+    seconds = time.time() - t_gen
+    path = write_parquet(pd.DataFrame(rows, columns=columns), out_dir / "responses.parquet")
+    atomic_write_text(out_dir / "responses.json", json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+    return rows, path, seconds
 
 
 def plot_losses(history: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(history["step"], history["train_loss"], label="Training loss")
-    val = [(s, v) for s, v in zip(history["step"], history["val_loss"]) if v is not None]
-    if val:
-        ax.plot(*zip(*val), linestyle="-.", label="Validation loss")
-    ax.set_xlabel("Optimizer step")
-    ax.set_ylabel("Loss")
-    ax.set_title("Instruction finetuning")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return plot_train_val(history, "train_loss", "val_loss", ("Training loss", "Validation loss"), "Loss",
+                          "Instruction finetuning", "upper right", path)
 
 
 # --------------------------------------------------------------------------------------------
-# The stage
+# The stage: run_instruct → prepare_run → train → finish (model, losses) → write_responses
 # --------------------------------------------------------------------------------------------
+
+@dataclass
+class InstructRun:
+    """Everything the training loop and the final evaluation need, built once by `prepare_run`."""
+    cfg: InstructConfig
+    model: GPT
+    wrapped: list[str]                          # LoRA-wrapped module names (empty: full finetune)
+    opt: torch.optim.Optimizer
+    device: torch.device
+    max_length: int
+    splits: dict[str, list[dict]]               # train, test, val records
+    ids: dict[str, list[list[int]]]             # their token ids
+    prompt_lens: dict[str, Optional[list[int]]]  # their prompt lengths (None everywhere unless mask_prompt)
+    steps_per_epoch: int
+    total_steps: int
+    identity: dict                              # what a checkpoint must match to be resumed
+    params: tuple[int, int]                     # (total, trainable) parameters before LoRA is merged
+
 
 def run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_checkpoint: Optional[Path] = None,
                  progress: bool = True, log: Optional[MetricLogger] = None,
@@ -329,165 +310,136 @@ def run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_check
     Returns metrics (final train/val/test loss, split sizes, steps, timings), artifacts (split
     parquets, loss.png, responses.parquet/json) and outputs {"model", "responses"}.
     `stop_after` (tests) raises TrainingInterrupted after that optimizer step, as a kill would."""
-    from llm.train import free_cores
+    with torch_threads(cfg.threads):
+        t_start = time.time()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run, artifacts = prepare_run(cfg, Path(data_file), out_dir, base_checkpoint)
+        ckpt_root = out_dir / "checkpoints"
+        state = (TrainState.load(ckpt_root, run.model, run.opt, run.device, run.identity, "instruct")
+                 or TrainState(sums={"loss": 0.0, "count": 0}, history={k: [] for k in HISTORY_KEYS}))
+        train(run, state, ckpt_root, log_or_null(log), progress, stop_after)
+        model_dir, test_loss, more = finish(run, state, out_dir)
+        rows, responses, gen_seconds = write_responses(
+            run.model, get_encoding(), run.splits["test"], cfg.prompt_format, cfg.max_new_tokens, cfg.book_compat,
+            cfg.test_limit, out_dir, progress, "instruct responses")
+        artifacts += more + [responses, out_dir / "responses.json", out_dir / "history.json"]
+        timings = {"n_responses": len(rows), "generate_seconds": gen_seconds, "seconds": time.time() - t_start}
+        return _result(run, state, test_loss, timings, artifacts, model_dir, responses)
 
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads or free_cores())
-    try:
-        return _run_instruct(cfg, Path(data_file), Path(out_dir), base_checkpoint, progress, log, stop_after)
-    finally:
-        torch.set_num_threads(old_threads)
 
-
-def _run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_checkpoint: Optional[Path],
-                  progress: bool, log: Optional[MetricLogger], stop_after: Optional[int]) -> StageResult:
-    from tqdm import tqdm
-
-    from llm.tokenizer import get_encoding
-    from llm.train import _rng_json, _rng_tensors, resume_finetune, save_checkpoint
-
-    log = log_or_null(log)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    # 1. data
+def prepare_run(cfg: InstructConfig, data_file: Path, out_dir: Path, base_checkpoint: Optional[Path]
+                ) -> tuple[InstructRun, list[Path]]:
+    """Records split and written as parquets, model, token ids, optimizer, step plan."""
+    device = pick_device("auto")
     records = load_records(data_file)
-    train, test, val = split_records(records, cfg.shuffle, cfg.seed, cfg.max_records)
-    if not train:
+    train_, test, val = split_records(records, cfg.shuffle, cfg.seed, cfg.max_records)
+    if not train_:
         raise ValueError(f"{data_file}: {len(records)} records give an empty training split; need at least 2")
-    artifacts: list[Path] = []
-    for name, part in (("train", train), ("test", test), ("val", val)):
-        artifacts.append(_write_parquet(pd.DataFrame(part, columns=list(FIELDS)), out_dir / f"{name}.parquet"))
-
-    # 2. model + tokens
+    splits = {"train": train_, "test": test, "val": val}
+    artifacts = write_splits(out_dir, splits, FIELDS)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model, wrapped = prepare_model(cfg, base_checkpoint)
     model.to(device)
     ctx = model.cfg.context_length
-    max_length = min(cfg.max_length or ctx, ctx)
     enc = get_encoding()
-    train_ids, train_pl = encode_examples(enc, train, cfg.prompt_format)
-    val_ids, val_pl = encode_examples(enc, val, cfg.prompt_format)
-    test_ids, test_pl = encode_examples(enc, test, cfg.prompt_format)
-    if not cfg.mask_prompt:
-        train_pl = val_pl = test_pl = None
-    params_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    # 3. optimizer, schedule
+    ids, prompt_lens = {}, {}
+    for name in ("train", "val", "test"):
+        ids[name], prompt_lens[name] = encode_examples(enc, splits[name], cfg.prompt_format)
+        if not cfg.mask_prompt:
+            prompt_lens[name] = None
     opt = make_optimizer(model, cfg)
-    steps_per_epoch = max(1, len(train) // cfg.batch_size)  # drop_last, at least one (short) batch
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    identity = {"version": STATE_VERSION, "config": cfg.model_dump(mode="json", exclude={"test_limit", "max_new_tokens",
-                                                                                         "threads", "checkpoint_every",
-                                                                                         "keep_checkpoints"}),
-                "data": _data_digest(train), "model_config": model.cfg.to_dict()}
+    run = InstructRun(cfg, model, wrapped, opt, device, min(cfg.max_length or ctx, ctx), splits, ids, prompt_lens,
+                      *step_plan(len(train_), cfg), run_identity(cfg, train_, model), param_counts(model))
+    return run, artifacts
 
-    # resume
-    ckpt_root = out_dir / "checkpoints"
-    step, epoch, epoch_step, tokens_seen, train_time = 0, 0, 0, 0, 0.0
-    history = {"step": [], "tokens_seen": [], "train_loss": [], "val_loss": []}
-    run_sum, run_n = 0.0, 0
-    resumed_from = None
-    state = resume_finetune(ckpt_root, identity, model, opt, device, "instruct")
-    if state is not None:
-        step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
-        tokens_seen, train_time, history = state["tokens_seen"], state["train_time"], state["history"]
-        run_sum, run_n = state["run_loss_sum"], state["run_loss_count"]
-        resumed_from = step
 
-    def save(step_now: int) -> None:
-        state = {"identity": identity, "step": step_now, "epoch": epoch, "epoch_step": epoch_step,
-                 "tokens_seen": tokens_seen, "train_time": train_time, "history": history,
-                 "run_loss_sum": run_sum, "run_loss_count": run_n, "rng": _rng_json()}
-        save_checkpoint(ckpt_root, step_now, model, opt, state, _rng_tensors(device), cfg.keep_checkpoints,
-                        stage="instruct")
-
-    # 4. training
-    bar = tqdm(total=total_steps, initial=step, desc="instruct finetune", unit="step", disable=not progress,
-               dynamic_ncols=True)
-    perm = None
+def train(run: InstructRun, state: TrainState, ckpt_root: Path, log: MetricLogger, progress: bool,
+          stop_after: Optional[int]) -> None:
+    """Optimizer steps from state.step to run.total_steps: eval every cfg.eval_every steps, checkpoint every
+    cfg.checkpoint_every steps, both at the end too."""
+    cfg, model = run.cfg, run.model
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="instruct finetune", unit="step",
+               disable=not progress, dynamic_ncols=True)
     model.train()
-    while step < total_steps:
-        if perm is None or epoch_step >= steps_per_epoch:
-            if epoch_step >= steps_per_epoch:
-                epoch, epoch_step = epoch + 1, 0
-            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        t0 = time.perf_counter()
-        idx = perm[epoch_step * cfg.batch_size:(epoch_step + 1) * cfg.batch_size].tolist()
-        x, y = collate([train_ids[i] for i in idx], allowed_max_length=max_length,
-                       prompt_lengths=[train_pl[i] for i in idx] if train_pl is not None else None)
-        x, y = x.to(device), y.to(device)
-        loss = batch_loss(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        epoch_step += 1
-        tokens_seen += int(x.numel())
-        run_sum += float(loss.detach())
-        run_n += 1
-        train_time += time.perf_counter() - t0
-        bar.update(1)
-        if step % cfg.eval_every == 0 or step == total_steps:
-            tr = run_sum / max(run_n, 1)
-            va = loader_loss(model, val_ids, val_pl, cfg.batch_size, max_length, cfg.eval_batches, device)
-            run_sum, run_n = 0.0, 0
-            history["step"].append(step)
-            history["tokens_seen"].append(tokens_seen)
-            history["train_loss"].append(tr)
-            history["val_loss"].append(va)
-            log({"train_loss": tr, **({"val_loss": va} if va is not None else {})}, step)
-            bar.set_postfix(loss=f"{tr:.3f}", val=f"{va:.3f}" if va is not None else "-")
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
-            save(step)
-        if stop_after is not None and step >= stop_after and step < total_steps:
-            bar.close()
-            raise TrainingInterrupted(f"stopped after step {step} (test hook)")
-    bar.close()
+    with bar:
+        while state.step < run.total_steps:
+            if state.epoch_step >= run.steps_per_epoch:
+                state.epoch, state.epoch_step = state.epoch + 1, 0
+            t0 = time.perf_counter()
+            x, y = train_batch(run, epoch_indices(len(run.ids["train"]), cfg.batch_size, cfg.seed, state.epoch,
+                                                  state.epoch_step))
+            loss = batch_loss(model, x, y)
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            run.opt.step()
+            state.step += 1
+            state.epoch_step += 1
+            state.tokens_seen += int(x.numel())
+            state.sums["loss"] += float(loss.detach())
+            state.sums["count"] += 1
+            state.train_time += time.perf_counter() - t0
+            bar.update(1)
+            if state.step % cfg.eval_every == 0 or state.step == run.total_steps:
+                evaluate(run, state, log, bar)
+            if state.step % cfg.checkpoint_every == 0 or state.step == run.total_steps:
+                state.save(ckpt_root, model, run.opt, cfg.keep_checkpoints, run.identity, "instruct")
+            stop_hook(stop_after, state.step, run.total_steps, "instruct")
 
-    # 5. final model (LoRA merged), losses
-    if wrapped:
-        from llm.lora import merge_lora
 
-        merge_lora(model)
+def train_batch(run: InstructRun, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of the training records idx, on the run's device."""
+    pl = run.prompt_lens["train"]
+    x, y = collate([run.ids["train"][i] for i in idx], allowed_max_length=run.max_length,
+                   prompt_lengths=[pl[i] for i in idx] if pl is not None else None)
+    return x.to(run.device), y.to(run.device)
+
+
+def evaluate(run: InstructRun, state: TrainState, log: MetricLogger, bar: tqdm) -> None:
+    """Mean train loss since the last eval and the val loss into state.history and `log`."""
+    tr = state.sums["loss"] / max(state.sums["count"], 1)
+    va = loader_loss(run.model, run.ids["val"], run.prompt_lens["val"], run.cfg.batch_size, run.max_length,
+                     run.cfg.eval_batches, run.device)
+    state.sums = {"loss": 0.0, "count": 0}
+    for key, value in zip(HISTORY_KEYS, (state.step, state.tokens_seen, tr, va)):
+        state.history[key].append(value)
+    log({"train_loss": tr, **({"val_loss": va} if va is not None else {})}, state.step)
+    bar.set_postfix(loss=f"{tr:.3f}", val=f"{va:.3f}" if va is not None else "-")
+
+
+def finish(run: InstructRun, state: TrainState, out_dir: Path) -> tuple[Path, Optional[float], list[Path]]:
+    """The final model (LoRA merged) in out_dir/model, its test loss, loss.png and history.json."""
+    cfg, model = run.cfg, run.model
+    merge_if_lora(model, run.wrapped)
     model.eval()
-    test_loss = loader_loss(model, test_ids, test_pl, cfg.batch_size, max_length, None, device)
+    test_loss = loader_loss(model, run.ids["test"], run.prompt_lens["test"], cfg.batch_size, run.max_length, None,
+                            run.device)
     model_dir = save_model(model, out_dir / "model", extra={
-        "tokenizer": "gpt2", "task": "instruct", "prompt_format": cfg.prompt_format, "steps": step,
-        "train_mode": cfg.train_mode, "max_length": max_length, "book_compat": cfg.book_compat})
-    if history["step"]:
-        artifacts.append(plot_losses(history, out_dir / "loss.png"))
-    atomic_write_text(out_dir / "history.json", json.dumps(history, indent=1))
+        "tokenizer": "gpt2", "task": "instruct", "prompt_format": cfg.prompt_format, "steps": state.step,
+        "train_mode": cfg.train_mode, "max_length": run.max_length, "book_compat": cfg.book_compat})
+    artifacts = [plot_losses(state.history, out_dir / "loss.png")] if state.history["step"] else []
+    atomic_write_text(out_dir / "history.json", json.dumps(state.history, indent=1))
+    return model_dir, test_loss, artifacts
 
-    # 6. responses on the test split
-    limit = len(test) if cfg.test_limit is None else min(cfg.test_limit, len(test))
-    rows = []
-    t_gen = time.time()
-    for entry in tqdm(test[:limit], desc="instruct responses", unit="record", disable=not progress,
-                      dynamic_ncols=True):
-        rows.append({**entry, "response": respond(model, enc, entry, cfg.prompt_format, cfg.max_new_tokens,
-                                                  book=cfg.book_compat)})
-    gen_seconds = time.time() - t_gen
-    responses = _write_parquet(pd.DataFrame(rows, columns=[*FIELDS, "response"]), out_dir / "responses.parquet")
-    atomic_write_text(out_dir / "responses.json", json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
-    artifacts += [responses, out_dir / "responses.json", out_dir / "history.json"]
 
+def _result(run: InstructRun, state: TrainState, test_loss: Optional[float], timings: dict, artifacts: list[Path],
+            model_dir: Path, responses: Path) -> StageResult:
+    cfg, history = run.cfg, state.history
+    params_total, params_trainable = run.params
     final_val = next((v for v in reversed(history["val_loss"]) if v is not None), None)
     metrics = {"train_loss": history["train_loss"][-1] if history["train_loss"] else None, "val_loss": final_val,
-               "test_loss": test_loss, "n_train": len(train), "n_val": len(val), "n_test": len(test),
-               "n_responses": len(rows), "steps": step, "tokens_seen": tokens_seen,
-               "train_seconds": train_time, "generate_seconds": gen_seconds,
-               "seconds": time.time() - t_start, "params_trainable": params_trainable, "params_total": params_total}
+               "test_loss": test_loss, "n_train": len(run.splits["train"]), "n_val": len(run.splits["val"]),
+               "n_test": len(run.splits["test"]), "n_responses": timings["n_responses"], "steps": state.step,
+               "tokens_seen": state.tokens_seen, "train_seconds": state.train_time,
+               "generate_seconds": timings["generate_seconds"], "seconds": timings["seconds"],
+               "params_trainable": params_trainable, "params_total": params_total}
     return StageResult(
         metrics={k: float(v) for k, v in metrics.items() if v is not None},
         params={"prompt_format": cfg.prompt_format, "train_mode": cfg.train_mode, "mask_prompt": cfg.mask_prompt,
-                "max_length": max_length, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                "lora_modules": len(wrapped), "resumed_from_step": resumed_from, "device": str(device),
+                "max_length": run.max_length, "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
+                "lora_modules": len(run.wrapped), "resumed_from_step": state.resumed_from,
+                "device": str(run.device),
                 "threads": torch.get_num_threads()},
         artifacts=artifacts,
         outputs={"model": model_dir, "responses": responses},
@@ -495,8 +447,6 @@ def _run_instruct(cfg: InstructConfig, data_file: Path, out_dir: Path, base_chec
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from llm.config import parse_overrides
-
     ap = argparse.ArgumentParser(prog="python -m llm.instruct", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="instruction JSON/JSONL file")
     ap.add_argument("--out", required=True, help="output folder (re-run to resume)")
