@@ -22,7 +22,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -67,6 +67,9 @@ class Section(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+SectionT = TypeVar("SectionT", bound=Section)
 
 
 class DownloadConfig(Section):
@@ -369,6 +372,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         path, value = parse_override(item)
         fields[".".join(path)] = value
     return fields
+
+
+def section_from_overrides(cls: type[SectionT], items: list[str]) -> SectionT:
+    """The config of a `python -m llm.<stage>` entry point: `cls` with its --set items applied, or one
+    ConfigError line naming the field ("--set: epochs: Input should be greater than or equal to 1 (got 0)")."""
+    try:
+        return cls(**parse_overrides(items))
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, "--set")) from None
 
 
 def list_presets() -> list[str]:

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
-from llm.config import DpoConfig, parse_overrides
+from llm.config import DpoConfig, section_from_overrides
 from llm.finetune import (encode_text, epoch_indices, merge_if_lora, param_counts, plot_train_val, run_identity,
                           setup_trainable, step_plan, write_splits)
 from llm.instruct import split_records, write_responses
@@ -432,7 +432,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="DpoConfig field")
     a = ap.parse_args(argv)
     try:
-        cfg = DpoConfig(**parse_overrides(a.set))
+        cfg = section_from_overrides(DpoConfig, a.set)
         res = run_dpo(cfg, Path(a.data), Path(a.out), Path(a.base))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
-from llm.config import InstructConfig, parse_overrides
+from llm.config import InstructConfig, section_from_overrides
 from llm.finetune import (encode_text, epoch_indices, merge_if_lora, param_counts, plot_train_val, run_identity,
                           setup_trainable, step_plan, write_parquet, write_splits)
 from llm.generate import generate
@@ -453,9 +453,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--base", help="base checkpoint folder for init=pretrain")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="InstructConfig field")
     a = ap.parse_args(argv)
-    fields = parse_overrides(a.set)
     try:
-        cfg = InstructConfig(**fields)
+        cfg = section_from_overrides(InstructConfig, a.set)
         res = run_instruct(cfg, Path(a.data), Path(a.out), Path(a.base) if a.base else None)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

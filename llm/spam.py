@@ -43,6 +43,7 @@ import hashlib
 import io
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from llm.checkpoint import save_model
-from llm.config import LORA_TARGETS, SpamConfig, parse_overrides
+from llm.config import LORA_TARGETS, SpamConfig, section_from_overrides
 from llm.fsutil import atomic_write_bytes
 from llm.lora import apply_lora, merge_lora
 from llm.model import GPT
@@ -441,8 +442,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="pretrain checkpoint folder (init=pretrain)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="SpamConfig field override")
     args = ap.parse_args(argv)
-    cfg = SpamConfig(**parse_overrides(args.set))
-    res = run_spam(cfg, args.data_file, args.out_dir, args.checkpoint)
+    try:
+        cfg = section_from_overrides(SpamConfig, args.set)
+        res = run_spam(cfg, args.data_file, args.out_dir, args.checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     for k, v in res.metrics.items():
         print(f"{k}: {v}")
 
