@@ -42,7 +42,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -66,6 +65,7 @@ from flows import registry, report
 from flows.tracking import (SystemMetrics, get_tracker, git_commit, log_datasets, override_pairs, reserved_tags,
                             pipeline_run_name, process_tags, run_url, summary_points)
 from llm.config import PipelineConfig
+from llm.fsutil import publish_dir
 
 DATA_STAGES = ("clean", "shard")  # the stages orchestration.task_runner applies to
 HEADLINE = {
@@ -236,9 +236,7 @@ def _execute_stage(job: StageRun) -> StageInfo:
                                                "output_hashes": output_hashes, "metrics": metrics,
                                                "input_hashes": job.input_hashes, "seconds": seconds},
                          base=work)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(work, final)
+            publish_dir(work, final)  # fsync the folder's files, rename it into place, fsync the parent
             remove_stale_partials(workdir, stage, key)
         outputs = {k: str(final / v) for k, v in rel_outputs.items()}
         artifacts = [final / Path(a).relative_to(work) if Path(a).is_relative_to(work) else Path(a)

@@ -27,6 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from llm.fsutil import publish_dir
+
 MODEL_STAGES = ("pretrain", "spam", "instruct", "dpo")
 MODEL_OUTPUT = {"pretrain": "checkpoint", "spam": "classifier", "instruct": "model", "dpo": "model"}
 BEST_BY = {"pretrain": ("val_perplexity", "min"), "spam": ("test_accuracy", "max"),
@@ -179,7 +181,7 @@ def download_model(uri: str, workdir: Path, stage: str) -> Path:
             tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
             shutil.copytree(local, tmp)
             try:
-                os.replace(tmp, cache)  # atomic: a half-copied folder is never used
+                publish_dir(tmp, cache, replace=False)  # fsynced, renamed: a half-copied folder is never used
                 local = cache
             except OSError:  # another process cached it meanwhile
                 shutil.rmtree(tmp, ignore_errors=True)

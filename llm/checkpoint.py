@@ -10,16 +10,13 @@ goes into config.json under "llmpipe". Tied weights are stored once (as tok_emb.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm.fsutil import _umask, atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from llm.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text  # noqa: F401  (the last two re-exported)
 from llm.model import GPT, GPTConfig
 
 
@@ -38,29 +35,16 @@ def state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model(model: GPT, directory: str | Path, extra: Optional[dict] = None,
                state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
-    """Write model.safetensors + config.json into `directory` atomically (a temp folder, then rename)."""
+    """Write model.safetensors + config.json into `directory` atomically (llm.fsutil.atomic_dir: a temp
+    folder, fsynced, renamed into place)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
-    try:
+    with atomic_dir(directory) as tmp:
         sd = state_dict if state_dict is not None else state_dict_for_save(model)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = {"llmpipe_model": model.cfg.to_dict()}
         if extra:
             cfg["llmpipe"] = extra
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

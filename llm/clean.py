@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from llm.fsutil import atomic_write_text, temp_file
+from llm.fsutil import atomic_write_text, publish_file, temp_file
 from llm.config import CleanConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -449,7 +449,7 @@ def run_clean(cfg: CleanConfig, inputs: dict[str, Path], out_dir: Path, progress
             reasons = ", ".join(f"{k}={v}" for k, v in counter.dropped.items())
             raise ValueError(f"clean: no documents left after cleaning {stats['documents_in']} input document(s) "
                              f"(dropped: {reasons}; min_chars={cfg.min_chars})")
-        os.replace(tmp, final)
+        publish_file(tmp, final)  # fsync, rename, fsync the folder
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llm.fsutil import atomic_write_text
+
 EOT_ID = 50256
 
 NAMED_CONFIGS: dict[str, dict] = {
@@ -81,7 +83,7 @@ class GPTConfig:
         return cls(**d)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> "GPTConfig":

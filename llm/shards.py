@@ -32,7 +32,6 @@ import collections
 import contextlib
 import hashlib
 import json
-import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -45,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llm import tokenizer as tok
-from llm.fsutil import atomic_write_text, sha256_file, temp_file
+from llm.fsutil import atomic_write_text, publish_file, sha256_file, temp_file
 from llm.config import ShardConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -111,7 +110,7 @@ class _SplitWriter:
             return
         self._writer.close()
         final = self.out_dir / f"{self.split}-{len(self.files):05d}.parquet"
-        os.replace(self._tmp, final)
+        publish_file(self._tmp, final)
         self.files.append({"name": final.name, "rows": self._file_rows, "tokens": self._file_tokens,
                            "bytes": final.stat().st_size, "sha256": _sha256(final)})
         self._writer, self._tmp = None, None

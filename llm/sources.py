@@ -30,7 +30,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import os
 import posixpath
 import re
 import shutil
@@ -48,7 +47,7 @@ from typing import Optional
 import yaml
 from tqdm.auto import tqdm
 
-from llm.fsutil import atomic_write_text, sha256_file, temp_file
+from llm.fsutil import atomic_write_text, publish_file, sha256_file, temp_file
 from llm.config import DownloadConfig, yaml_error_message
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -348,7 +347,7 @@ def fetch(source: Source, raw_dir: str | Path, mirror: str | Path | None = None,
                     f"source '{source.name}': sha256 mismatch for {what}{location}: expected {source.sha256}, "
                     f"got {actual}. If the upstream file legitimately changed, accept it with "
                     f"download.accept_changed=[{source.name}] (the new hash is recorded).")
-            os.replace(final, dest)
+            publish_file(final, dest)  # fsync, rename, fsync the folder
             return FetchResult(dest, actual, downloaded=True, changed=changed, url=location,
                                size=dest.stat().st_size, bytes_fetched=nbytes)
         except _NotFound:

@@ -42,7 +42,7 @@ from typing import Optional
 import pandas as pd
 
 from llm.config import JudgeConfig
-from llm.fsutil import save_figure
+from llm.fsutil import atomic_write_via, save_figure
 from llm.judge.base import Judge, JudgeError, JudgeFatal, Verdict
 from llm.judge.cache import JudgeCache
 from llm.judge.prompts import Protocol, get_protocol
@@ -254,10 +254,8 @@ def plot_histogram(df: pd.DataFrame, path: Path, title: str) -> Path:
 
 def _write_table(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
     pq, csv = out_dir / "scores.parquet", out_dir / "scores.csv"
-    for dest, write in ((pq, lambda p: df.to_parquet(p, index=False)), (csv, lambda p: df.to_csv(p, index=False))):
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        write(tmp)
-        os.replace(tmp, dest)
+    atomic_write_via(pq, lambda p: df.to_parquet(p, index=False))
+    atomic_write_via(csv, lambda p: df.to_csv(p, index=False))
     return pq, csv
 
 
