@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from flows.errors import UsageError
+from llm.procenv import child_env
 
 # the metric variants are ranked by: the first of these whose stage every variant has
 RANK_BY = (("judge", "judge_mean_score", "max"), ("spam", "test_accuracy", "max"),
@@ -135,7 +136,7 @@ def _one_subprocess(args, overrides: list[str], parent_run_id: str, name: str) -
         cmd += ["--mirror", args.mirror]
     if args.corpus:
         cmd += ["--corpus", *args.corpus]
-    env = dict(os.environ, LLMPIPE_PARENT_RUN_ID=parent_run_id)
+    env = child_env({"LLMPIPE_PARENT_RUN_ID": parent_run_id})  # this checkout's flows.cli, installed or not
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]

@@ -27,6 +27,7 @@ from typing import Any, Optional
 from flows import timing
 from flows.isolate import _recv as isolate_recv
 from flows.isolate import _send
+from llm.procenv import child_env
 
 
 def _recv(inp) -> Any:
@@ -65,9 +66,8 @@ class TrackerProxy:
         from flows.server import _die_with_parent
 
         self.workdir = Path(workdir)
-        env = dict(os.environ)
         self._proc = subprocess.Popen([sys.executable, "-m", "flows.trackproc", str(self.workdir), experiment],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(),
                                       preexec_fn=_die_with_parent)
         self._lock = threading.Lock()
         self._hello: Optional[dict] = None
