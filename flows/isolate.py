@@ -25,11 +25,16 @@ import pickle
 import struct
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from flows.server import stop_process
+from flows.stages import STAGE_DEFS, StageContext  # not flows.pipeline: no prefect in the stage's process
+from llm.config import PipelineConfig
 from llm.procenv import allowed_cores, child_env
 
 CONCURRENT = ("spam", "instruct")
@@ -107,9 +112,6 @@ def _recv(inp) -> Optional[tuple]:
 def _exit_with_parent(parent_pid: int, every: float = 1.0) -> None:
     """A daemon thread that ends this process when the flow's process is gone (killed with -9, say):
     an orphaned finetune would go on writing the stage's .partial folder that the next run resumes."""
-    import threading
-    import time
-
     def watch() -> None:
         while True:
             time.sleep(every)
@@ -128,12 +130,9 @@ def _child_main(fd: int) -> None:
     try:
         if job.get("cpus"):  # before torch starts its thread pool: allowed_cores() is now this share
             os.sched_setaffinity(0, job["cpus"])
-        import torch
+        import torch  # lazy: after the affinity is set, and flows.pipeline imports this module (no torch there)
 
         torch.set_num_threads(share.threads)
-        from flows.stages import STAGE_DEFS, StageContext  # not flows.pipeline: no prefect in here
-        from llm.config import PipelineConfig
-
         cfg = PipelineConfig.model_validate(job["config"])
         section = cfg.section(stage)
         if getattr(section, "threads", None) == 0:  # 0 = auto: this process's share; a number set by hand stays
@@ -197,8 +196,6 @@ def run_body(stage: str, cfg, upstream: dict, work: Path, ctx, share: Share) -> 
         raise RuntimeError(f"{stage}: the stage's process ended without a result (exit code {code})")
     finally:
         inp.close()
-        from flows.server import stop_process
-
         stop_process(proc, grace=30)
 
 

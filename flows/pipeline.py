@@ -50,8 +50,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
@@ -62,8 +64,8 @@ from flows.cache import (StageInfo, artifact_dir, check_stage, describe_outputs,
 from flows.isolate import CONCURRENT, Share, finetune_shares, run_body
 from flows.stages import STAGE_DEFS, StageContext, needed_sources, plan, resolve  # noqa: F401 (resolve: re-exported)
 from flows import registry, report
-from flows.tracking import (SystemMetrics, get_tracker, git_commit, log_datasets, override_pairs, reserved_tags,
-                            pipeline_run_name, process_tags, run_url, summary_points)
+from flows.tracking import (SystemMetrics, flatten, get_tracker, git_commit, log_datasets, override_pairs,
+                            reserved_tags, pipeline_run_name, process_tags, run_url, summary_points)
 from llm.config import PipelineConfig
 from llm.fsutil import publish_dir
 
@@ -120,8 +122,6 @@ class StageRun:
 
 def _emit(event: str, resource_id: str, payload: dict, workdir: Optional[Path] = None) -> None:
     try:
-        from prefect.events import emit_event
-
         resource = {"prefect.resource.id": resource_id}
         if workdir is not None:  # lets a trigger match one project when several share a server
             resource["llmpipe.workdir"] = str(workdir)
@@ -329,10 +329,6 @@ def config_file_params(path: Optional[str]) -> dict[str, str]:
     if not path:
         return {}
     try:
-        import yaml
-
-        from flows.tracking import flatten
-
         data = yaml.safe_load(Path(path).read_text()) or {}
         return {f"config_file.{k}": str(v) for k, v in flatten(data).items()} if isinstance(data, dict) else {}
     except (OSError, ValueError):
@@ -343,8 +339,6 @@ def parent_params(cfg: PipelineConfig, overrides: list[str], config_file: Option
     """What makes a pipeline run differ from another, as parent params: each override
     (`override.spam.lr`), the --config file's values, and the whole resolved config flattened and
     stage-prefixed (`spam.lr`, `pretrain.lr`, ...). Keys stay within MLflow's 250 characters."""
-    from flows.tracking import flatten
-
     out = {f"override.{k}": v for k, v in override_pairs(overrides).items()}
     out.update(config_file_params(config_file))
     for k, v in flatten(cfg.model_dump(mode="json")).items():

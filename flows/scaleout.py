@@ -66,7 +66,7 @@ class DataRunner:
 
     def _start_dask(self) -> None:
         try:
-            from prefect_dask import DaskTaskRunner
+            from prefect_dask import DaskTaskRunner  # lazy: dask is optional and heavy, only for task_runner=dask
         except ImportError:
             raise DaskUnavailable("orchestration.task_runner: dask needs prefect-dask "
                                   "(pip install prefect-dask; it is in llmpipe's dependencies)") from None

@@ -39,6 +39,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
@@ -322,7 +323,6 @@ def read_tokens(shard_dir: str | Path, split: str, source: Optional[str] = None,
         cols = ["tokens"] if source is None else ["tokens", "source"]
         table = pq.read_table(shard_dir / f["name"], columns=cols)
         if source is not None:
-            import pyarrow.compute as pc
             table = table.filter(pc.equal(table.column("source"), source))
         for chunk in table.column("tokens").chunks:
             flat = chunk.flatten()  # respects offsets/slices

@@ -27,6 +27,7 @@ raw_dir/download_manifest.json (name, url actually used, sha256, size). Run
 """
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import logging
@@ -47,8 +48,9 @@ from typing import Optional
 import yaml
 from tqdm.auto import tqdm
 
-from llm.fsutil import atomic_write_text, publish_file, sha256_file, temp_file
+import llm
 from llm.config import DownloadConfig, yaml_error_message
+from llm.fsutil import atomic_write_text, publish_file, sha256_file, temp_file
 from llm.result import MetricLogger, StageResult, log_or_null
 
 log = logging.getLogger("llmpipe")
@@ -98,8 +100,6 @@ class FetchResult:
 
 def default_sources_path() -> Path:
     """<cwd>/data/sources.yaml if present, else the copy shipped next to the package."""
-    import llm
-
     candidates = [
         Path.cwd() / "data" / "sources.yaml",
         Path(llm.__file__).resolve().parent.parent / "data" / "sources.yaml",
@@ -418,8 +418,6 @@ def _recorded_url(raw_dir: Path, name: str) -> Optional[str]:
 
 
 if __name__ == "__main__":
-    import argparse
-
     ap = argparse.ArgumentParser(description="Fetch sources from data/sources.yaml into a raw folder.")
     ap.add_argument("names", nargs="*", help="source names (default: all)")
     ap.add_argument("--mirror", default=None)

