@@ -23,7 +23,7 @@ The token ids of llmpipe's shards are checked against tiktoken's for the same te
     python benchmarks/tokenize_speed.py --scale 100 400        # peak RSS of run_shard at 100 and 400 MB of input
 
 --workers defaults to every allowed core, like the raw batch API's threads (the stage's own default,
-workers 0, takes only the cores the load average leaves free: fewer on a busy machine).
+workers 0, is the same: the cores of this process's CPU affinity).
 --scale MB ...: writes a documents.parquet of about MB megabytes (the cleaned books repeated under new
 doc_ids, in row groups as the clean stage writes them) and reports run_shard's time, MB/s and peak
 RSS (VmHWM of a fresh process) for each size: the peak should not grow with the corpus.
@@ -185,10 +185,8 @@ def main() -> None:
         texts = _texts(documents)
         nbytes = sum(len(t.encode("utf-8")) for t in texts)
         print(f"corpus: {len(texts)} cleaned books, {sum(map(len, texts)):,} chars, {nbytes / 1e6:.2f} MB UTF-8")
-        from llm.tokenizer import free_cores
-
-        print(f"cpus: {len(os.sched_getaffinity(0))}, free cores now: {free_cores()}, "
-              f"llmpipe workers: {args.workers or 'free cores'}, load average before: {os.getloadavg()}")
+        print(f"cpus: {len(os.sched_getaffinity(0))}, "
+              f"llmpipe workers: {args.workers or 'allowed cores'}, load average before: {os.getloadavg()}")
 
         # Correctness: llmpipe's shard tokens equal tiktoken's ids for the same train/val text parts.
         res = run_shard(ShardConfig(workers=args.workers), documents, tmp / "shards", progress=False)

@@ -43,6 +43,7 @@ STAGE_CHOICES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "
 from flows import timing  # noqa: E402
 from flows.errors import UsageError  # noqa: E402
 from llm.config import ConfigError  # noqa: E402  (light: pydantic + yaml only)
+from llm.procenv import allowed_cores  # noqa: E402  (light: os only)
 
 PLUGIN_MODULES = ("flows.server", "flows.serve", "flows.judge_cli", "flows.sweep", "flows.ui")
 
@@ -332,9 +333,7 @@ def cmd_generate(args) -> int:
     prompt_ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if not prompt_ids:
         raise UsageError("--prompt: expected a non-empty prompt")
-    from llm.train import free_cores
-
-    torch.set_num_threads(free_cores())  # oversubscribed cores slow single-token steps many times over
+    torch.set_num_threads(allowed_cores())  # as the pyfunc model does, so both give the same tokens
     if args.init:
         from llm.weights import load_pretrained
 

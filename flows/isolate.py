@@ -5,13 +5,15 @@ shuffles, init) and one thread-count setting, so two finetunes in two threads wo
 results either gives alone. Here each stage body runs in a child process (`python -m flows.isolate`,
 so no script's __main__ is re-run) with its own
 share of the machine: a GPU of its own (CUDA_VISIBLE_DEVICES) when there are two, and half of the
-free CPU cores each (for a stage whose `threads` is 0, i.e. automatic). The child does only the llm/ work; its metrics and
+CPU cores this process may use (llm.procenv.allowed_cores: its CPU affinity, never the load) each --
+the child is pinned to its half of the CPU list (spam the first, instruct the rest), so inside it
+allowed_cores() is its share and a stage whose `threads` is 0 (automatic) uses exactly that. The child does only the llm/ work; its metrics and
 checkpoint notices come back over a pipe to the stage task, which logs them to MLflow as usual; the
 child ends itself if the flow's process dies (no orphan goes on writing the stage's folder).
 
 `orchestration.concurrent_finetunes`: false = one after the other (in the flow's process); true =
 concurrently whenever both must run; auto (default) = concurrently when each can have a GPU of its
-own or at least 2 CPU cores of its own (4 free cores), else one after the other.
+own or at least 2 CPU cores of its own (4 allowed cores), else one after the other.
 
     from flows.isolate import finetune_shares
     finetune_shares(cfg)          # None, or {"spam": Share(...), "instruct": Share(...)}
@@ -23,10 +25,17 @@ import pickle
 import struct
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from flows.server import stop_process
+from flows.stages import STAGE_DEFS, StageContext  # not flows.pipeline: no prefect in the stage's process
+from llm.config import PipelineConfig
+from llm.procenv import allowed_cores, child_env
 
 CONCURRENT = ("spam", "instruct")
 MIN_CORES_EACH = 2
@@ -49,11 +58,9 @@ def finetune_shares(cfg, cores: Optional[int] = None, gpus: Optional[int] = None
     if mode is False:
         return None
     if cores is None:
-        from llm.tokenizer import free_cores
-
-        cores = free_cores()
+        cores = allowed_cores()
     if gpus is None:
-        import torch
+        import torch  # lazy: flows.pipeline imports this module, and a cached run must not import torch
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     half = max(1, cores // 2)
@@ -63,6 +70,22 @@ def finetune_shares(cfg, cores: Optional[int] = None, gpus: Optional[int] = None
     if mode == "auto" and (gpus == 1 or cores < 2 * MIN_CORES_EACH):
         return None  # one GPU or too few cores: concurrency would only make both slower
     return {s: Share(threads[s]) for s in CONCURRENT}
+
+
+def share_cpus(stage: str, share: Share) -> Optional[list[int]]:
+    """The CPUs `stage`'s process is pinned to: of this process's allowed CPUs (sorted), spam takes the
+    first share.threads and instruct the last share.threads (so with finetune_shares' split, the two
+    halves); None for another stage or where affinity is not supported."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None
+    n = min(share.threads, len(cpus))
+    if stage == CONCURRENT[0]:
+        return cpus[:n]
+    if stage == CONCURRENT[1]:
+        return cpus[len(cpus) - n:]
+    return None
 
 
 # --- the child process ------------------------------------------------------------------------------------
@@ -89,9 +112,6 @@ def _recv(inp) -> Optional[tuple]:
 def _exit_with_parent(parent_pid: int, every: float = 1.0) -> None:
     """A daemon thread that ends this process when the flow's process is gone (killed with -9, say):
     an orphaned finetune would go on writing the stage's .partial folder that the next run resumes."""
-    import threading
-    import time
-
     def watch() -> None:
         while True:
             time.sleep(every)
@@ -108,12 +128,11 @@ def _child_main(fd: int) -> None:
     _exit_with_parent(job["parent_pid"])
     stage, share = job["stage"], job["share"]
     try:
-        import torch
+        if job.get("cpus"):  # before torch starts its thread pool: allowed_cores() is now this share
+            os.sched_setaffinity(0, job["cpus"])
+        import torch  # lazy: after the affinity is set, and flows.pipeline imports this module (no torch there)
 
         torch.set_num_threads(share.threads)
-        from flows.stages import STAGE_DEFS, StageContext  # not flows.pipeline: no prefect in here
-        from llm.config import PipelineConfig
-
         cfg = PipelineConfig.model_validate(job["config"])
         section = cfg.section(stage)
         if getattr(section, "threads", None) == 0:  # 0 = auto: this process's share; a number set by hand stays
@@ -140,15 +159,14 @@ def run_body(stage: str, cfg, upstream: dict, work: Path, ctx, share: Share) -> 
     An exception in the child is raised here (same type and message when it pickles); a child that
     dies without a word (killed, out of memory) is a RuntimeError naming the stage and exit code.
     """
-    env = dict(os.environ)
+    extra = {}
     if share.gpu is not None:
-        visible = env.get("CUDA_VISIBLE_DEVICES")
-        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[share.gpu] if visible else str(share.gpu)
-    root = str(Path(__file__).resolve().parent.parent)  # this checkout's flows/ and llm/, installed or not
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        extra["CUDA_VISIBLE_DEVICES"] = visible.split(",")[share.gpu] if visible else str(share.gpu)
+    env = child_env(extra)  # PYTHONPATH: this checkout's flows/ and llm/ first, installed or not
     job = {"stage": stage, "config": cfg.model_dump(mode="json"), "upstream": upstream, "work": str(work),
            "workdir": str(ctx.workdir), "progress": ctx.progress, "sources": list(ctx.sources), "share": share,
-           "parent_pid": os.getpid()}
+           "parent_pid": os.getpid(), "cpus": share_cpus(stage, share)}
     r, w = os.pipe()
     try:
         proc = subprocess.Popen([sys.executable, "-m", "flows.isolate", str(w)], stdin=subprocess.PIPE,
@@ -178,8 +196,6 @@ def run_body(stage: str, cfg, upstream: dict, work: Path, ctx, share: Share) -> 
         raise RuntimeError(f"{stage}: the stage's process ended without a result (exit code {code})")
     finally:
         inp.close()
-        from flows.server import stop_process
-
         stop_process(proc, grace=30)
 
 

@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from flows.tracking import get_tracker, git_commit
 from llm.config import load_config
+from llm.judge.prepare import check, prepare
 
 
 def register(sub) -> None:
@@ -53,15 +55,11 @@ def register(sub) -> None:
 
 
 def cmd_prepare(args) -> int:
-    from llm.judge.prepare import prepare
-
     prepare(convert=not args.no_convert)
     return 0
 
 
 def cmd_check(args) -> int:
-    from llm.judge.prepare import check
-
     info = check()
     print(json.dumps(info, indent=2))
     return 0 if info["installed"] else 1
@@ -72,7 +70,7 @@ def _slug(text: str) -> str:
 
 
 def cmd_score(args) -> int:
-    from llm.judge import run_judge
+    from llm.judge import run_judge  # lazy: the judge stage imports pandas; `llmpipe --help` imports this module
 
     path = Path(args.file)
     if not path.is_file():
@@ -83,8 +81,6 @@ def cmd_score(args) -> int:
                                            / f"{_slug(path.stem)}-{_slug(args.field or 'response')}")
     tracker = run_id = None
     if not args.no_mlflow:
-        from flows.tracking import get_tracker, git_commit
-
         tracker = get_tracker(workdir)
         run_id = tracker.start_run(f"judge {path.name}" + (f" [{args.field}]" if args.field else ""),
                                    {"stage": "judge", "judge_file": str(path.resolve()),

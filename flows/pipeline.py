@@ -42,7 +42,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -51,8 +50,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
@@ -63,9 +64,10 @@ from flows.cache import (StageInfo, artifact_dir, check_stage, describe_outputs,
 from flows.isolate import CONCURRENT, Share, finetune_shares, run_body
 from flows.stages import STAGE_DEFS, StageContext, needed_sources, plan, resolve  # noqa: F401 (resolve: re-exported)
 from flows import registry, report
-from flows.tracking import (SystemMetrics, get_tracker, git_commit, log_datasets, override_pairs, reserved_tags,
-                            pipeline_run_name, process_tags, run_url, summary_points)
+from flows.tracking import (SystemMetrics, flatten, get_tracker, git_commit, log_datasets, override_pairs,
+                            reserved_tags, pipeline_run_name, process_tags, run_url, summary_points)
 from llm.config import PipelineConfig
+from llm.fsutil import publish_dir
 
 DATA_STAGES = ("clean", "shard")  # the stages orchestration.task_runner applies to
 HEADLINE = {
@@ -120,8 +122,6 @@ class StageRun:
 
 def _emit(event: str, resource_id: str, payload: dict, workdir: Optional[Path] = None) -> None:
     try:
-        from prefect.events import emit_event
-
         resource = {"prefect.resource.id": resource_id}
         if workdir is not None:  # lets a trigger match one project when several share a server
             resource["llmpipe.workdir"] = str(workdir)
@@ -236,9 +236,7 @@ def _execute_stage(job: StageRun) -> StageInfo:
                                                "output_hashes": output_hashes, "metrics": metrics,
                                                "input_hashes": job.input_hashes, "seconds": seconds},
                          base=work)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(work, final)
+            publish_dir(work, final)  # fsync the folder's files, rename it into place, fsync the parent
             remove_stale_partials(workdir, stage, key)
         outputs = {k: str(final / v) for k, v in rel_outputs.items()}
         artifacts = [final / Path(a).relative_to(work) if Path(a).is_relative_to(work) else Path(a)
@@ -331,10 +329,6 @@ def config_file_params(path: Optional[str]) -> dict[str, str]:
     if not path:
         return {}
     try:
-        import yaml
-
-        from flows.tracking import flatten
-
         data = yaml.safe_load(Path(path).read_text()) or {}
         return {f"config_file.{k}": str(v) for k, v in flatten(data).items()} if isinstance(data, dict) else {}
     except (OSError, ValueError):
@@ -345,8 +339,6 @@ def parent_params(cfg: PipelineConfig, overrides: list[str], config_file: Option
     """What makes a pipeline run differ from another, as parent params: each override
     (`override.spam.lr`), the --config file's values, and the whole resolved config flattened and
     stage-prefixed (`spam.lr`, `pretrain.lr`, ...). Keys stay within MLflow's 250 characters."""
-    from flows.tracking import flatten
-
     out = {f"override.{k}": v for k, v in override_pairs(overrides).items()}
     out.update(config_file_params(config_file))
     for k, v in flatten(cfg.model_dump(mode="json")).items():

@@ -18,12 +18,23 @@ The tokenizer is tiktoken's offline "gpt2" encoding, recorded in the folder's co
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
-import pandas as pd  # noqa: F401  (the predict type hint below)
 import mlflow.models
 import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+from llm.checkpoint import load_model, read_config
+from llm.generate import generate
+from llm.instruct import respond
+from llm.procenv import allowed_cores
+from llm.spam import load_classifier
+from llm.tokenizer import get_encoding
 
 KINDS = {"pretrain": "generate", "spam": "classify", "instruct": "ask", "dpo": "ask"}
 DEFAULT_PARAMS = {
@@ -40,8 +51,6 @@ INPUT_EXAMPLES = {
 
 def _rows(model_input: Any, columns: list[str]) -> list[dict]:
     """A DataFrame, a dict of columns, a list of dicts or a list of strings (the first column) as rows."""
-    import pandas as pd
-
     if isinstance(model_input, pd.DataFrame):
         df = model_input
     elif isinstance(model_input, dict):
@@ -51,8 +60,6 @@ def _rows(model_input: Any, columns: list[str]) -> list[dict]:
     else:
         items = list(model_input)
         df = pd.DataFrame(items) if items and isinstance(items[0], dict) else pd.DataFrame({columns[0]: items})
-    import numpy as np
-
     if len(df) and any(isinstance(df[c].iloc[0], (list, tuple, np.ndarray)) for c in df.columns):  # {"prompt": ["a", "b"]} arrives as one row holding the list
         df = df.explode(list(df.columns)).reset_index(drop=True)
     missing = [c for c in columns[:1] if c not in df.columns]
@@ -69,45 +76,30 @@ class LlmpipeModel(mlflow.pyfunc.PythonModel):
         self.kind = kind
 
     def load_context(self, context) -> None:
-        from pathlib import Path
-
         self.kind = self.kind or (context.model_config or {}).get("kind")
         if self.kind not in DEFAULT_PARAMS:
             raise ValueError(f"model_config.kind: expected one of {', '.join(DEFAULT_PARAMS)}, got {self.kind!r}")
         d = Path(context.artifacts["model"])
         self.model_dir = d
         if self.kind == "classify":
-            from llm.spam import load_classifier
-
             self.clf = load_classifier(d)
         else:
-            from llm.checkpoint import load_model, read_config
-
             self.model = load_model(d)
             self.meta = read_config(d).get("llmpipe", {})
 
     def predict(self, context, model_input: pd.DataFrame, params: Optional[dict] = None):
         # pd.DataFrame is a hint MLflow infers nothing from: no validation, and no "add type hints" warning
-        import torch
-
         p = {**DEFAULT_PARAMS[self.kind], **(params or {})}
         if self.kind == "classify":
             rows = _rows(model_input, ["text"])
             preds = self.clf.predict([r["text"] for r in rows])
             return pd.DataFrame({"label": [lab for lab, _ in preds], "probability": [pr for _, pr in preds]})
         if self.kind == "ask":
-            from llm.instruct import respond
-            from llm.tokenizer import get_encoding
-
             fmt = self.meta.get("prompt_format", "alpaca")
             out = [respond(self.model, get_encoding(), {"instruction": r["instruction"], "input": r["input"],
                                                         "output": ""}, fmt, int(p["max_new_tokens"]))
                    for r in _rows(model_input, ["instruction", "input"])]
             return pd.DataFrame({"response": out})
-        from llm.generate import generate
-        from llm.procenv import allowed_cores
-        from llm.tokenizer import get_encoding
-
         torch.set_num_threads(allowed_cores())  # as `llmpipe generate` does, so both give the same tokens
         enc = get_encoding()
         texts = []
@@ -123,9 +115,6 @@ class LlmpipeModel(mlflow.pyfunc.PythonModel):
 
 def signature(kind: str):
     """Input and output columns plus the inference params, with their defaults."""
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-
     inputs = {"generate": ["prompt"], "classify": ["text"], "ask": ["instruction", "input"]}[kind]
     outputs = {"generate": [ColSpec("string", "text")],
                "classify": [ColSpec("string", "label"), ColSpec("double", "probability")],

@@ -19,13 +19,26 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata as md
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import warnings
 from pathlib import Path
 from typing import Optional
+
+import yaml
+
+import llm
+from flows import report
+from flows.errors import UsageError
+from flows.tracking import get_tracker, reserved_tags
+from llm.fsutil import publish_dir
+
+# mlflow (and flows.pyfunc, which imports it and torch) are imported inside the functions that use them,
+# deliberately: flows.pipeline imports this module, and a fully cached run must not import mlflow or torch.
 
 MODEL_STAGES = ("pretrain", "spam", "instruct", "dpo")
 MODEL_OUTPUT = {"pretrain": "checkpoint", "spam": "classifier", "instruct": "model", "dpo": "model"}
@@ -57,8 +70,6 @@ def _store(uri: str, experiment_id: Optional[str] = None):
 
 
 def _requirements() -> list[str]:
-    import importlib.metadata as md
-
     out = []
     for pkg in ("mlflow", "torch", "tiktoken", "safetensors", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml"):
         try:
@@ -74,7 +85,6 @@ def log_model(tracker, run_id: str, stage: str, preset: str, model_dir: Path, me
     import mlflow.pyfunc
     from mlflow.models import Model
 
-    import llm
     from flows import pyfunc
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "Validating input example ..." lines in the run's output
@@ -151,11 +161,6 @@ def link_cached(tracker, run_id: str, ref: dict) -> None:
 
 def download_model(uri: str, workdir: Path, stage: str) -> Path:
     """`--model models:/NAME@ALIAS` (or models:/NAME/VERSION, runs:/..): the checkpoint folder inside it."""
-    import tempfile
-
-    from flows.errors import UsageError
-    from flows.tracking import get_tracker
-
     if not uri.startswith(("models:/", "runs:/")):
         raise UsageError(f"--model {uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
     if uri.startswith("models:/") and uri.lower().endswith("@latest"):
@@ -179,7 +184,7 @@ def download_model(uri: str, workdir: Path, stage: str) -> Path:
             tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
             shutil.copytree(local, tmp)
             try:
-                os.replace(tmp, cache)  # atomic: a half-copied folder is never used
+                publish_dir(tmp, cache, replace=False)  # fsynced, renamed: a half-copied folder is never used
                 local = cache
             except OSError:  # another process cached it meanwhile
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -220,8 +225,6 @@ def _cache_dir(tr, uri: str, workdir: Path) -> Optional[Path]:
 
 def _model_stage(local: Path) -> str:
     try:
-        import yaml
-
         meta = yaml.safe_load((local / "MLmodel").read_text()) or {}
         return (meta.get("metadata") or {}).get("llmpipe_stage", "")
     except (OSError, ValueError):
@@ -233,9 +236,6 @@ def cached_child(tracker, stage: str, key: str, section: dict, info, parent: str
     """The child run of a re-used stage: the producing run's metrics at their steps, a link to it and its
     artifacts (description + `artifact_uri` param), and the same model version (nothing registered).
     Runs next to the store: `tracker.call("flows.registry:cached_child", ...)` (flows/trackproc.py)."""
-    from flows import report
-    from flows.tracking import reserved_tags
-
     producer, ref = None, None
     try:
         producer = tracker.client.get_run(info.cached_from_run_id)

@@ -18,6 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from flows.tracking import run_link
+
+# prefect is imported inside the functions that use it, deliberately: flows.registry imports this module in the
+# MLflow side process (flows/trackproc.py), which must not pay for importing prefect.
+
 log = logging.getLogger("llmpipe")
 
 # 2-4 headline metrics per stage, in the order the terminal summary and the Prefect artifacts show them
@@ -87,8 +92,6 @@ def summary_lines(summary: dict, mlflow_url: str = "", prefect_url: str = "") ->
 def parent_description(command: str, preset: str, overrides: dict, config_file: Optional[str],
                        summary: dict, experiment_id: str, seconds: dict) -> str:
     """Markdown for the parent run's description (mlflow.note.content)."""
-    from flows.tracking import run_link
-
     ran = [s for s, v in summary.items() if not v["cached"]]
     cached = [s for s, v in summary.items() if v["cached"]]
     out = [f"**Command:** `{command}`", "", f"**Preset:** {preset}"]
@@ -107,8 +110,6 @@ def parent_description(command: str, preset: str, overrides: dict, config_file: 
 
 def cached_description(stage: str, producer_run_id: str, producer_name: str, experiment_id: str,
                        artifact_uri: str, artifact_dir: str, model_uri: str = "") -> str:
-    from flows.tracking import run_link
-
     out = [f"**Cached.** This `{stage}` stage was re-used, not run: its outputs were produced by run "
            f"[{producer_name or producer_run_id}]({run_link(experiment_id, producer_run_id)}).", "",
            f"- Artifacts (MLflow): `{artifact_uri}`", f"- Artifact folder: `{artifact_dir}`"]

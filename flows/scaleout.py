@@ -26,6 +26,7 @@ from concurrent.futures import Executor
 from typing import Optional
 
 from llm.config import OrchestrationConfig
+from llm.procenv import allowed_cores
 
 log = logging.getLogger("llmpipe")
 _ACTIVE: dict[str, "DataRunner"] = {}
@@ -65,7 +66,7 @@ class DataRunner:
 
     def _start_dask(self) -> None:
         try:
-            from prefect_dask import DaskTaskRunner
+            from prefect_dask import DaskTaskRunner  # lazy: dask is optional and heavy, only for task_runner=dask
         except ImportError:
             raise DaskUnavailable("orchestration.task_runner: dask needs prefect-dask "
                                   "(pip install prefect-dask; it is in llmpipe's dependencies)") from None
@@ -73,9 +74,7 @@ class DataRunner:
         if address:
             runner = DaskTaskRunner(address=address, client_kwargs={"timeout": self.connect_timeout})
         else:
-            from llm.tokenizer import free_cores
-
-            n = self.cfg.dask_workers or free_cores()
+            n = self.cfg.dask_workers or allowed_cores()
             runner = DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True,
                                                     "dashboard_address": None})
             dask_log = logging.getLogger("prefect.task_runner.dask")

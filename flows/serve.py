@@ -60,7 +60,13 @@ from typing import Any, Optional
 
 import yaml
 
+from flows.errors import UsageError
+from flows.server import healthy, prefect_api_url
 from llm.config import STAGES, yaml_error_message
+from llm.fsutil import atomic_write_text
+
+# prefect, flows.pipeline and flows.stages are imported inside the functions that use them, deliberately:
+# `llmpipe --help` imports this module and must stay fast (prefect alone takes about a second).
 
 FLOW_NAME = "llmpipe"
 DEPLOYMENTS = ("pipeline",) + tuple(STAGES)
@@ -303,8 +309,6 @@ def use_server(workdir: str | Path) -> Optional[str]:
     """PREFECT_API_URL, or this workdir's `llmpipe server` (then exported for this process), or None."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
-    from flows.server import prefect_api_url
-
     url = prefect_api_url(workdir)
     if url is None:
         return None
@@ -348,8 +352,6 @@ def prefect_yaml_text() -> str:
 
 def cmd_serve(args) -> int:
     if args.write_prefect_yaml:
-        from llm.fsutil import atomic_write_text
-
         atomic_write_text(Path(args.write_prefect_yaml), prefect_yaml_text())
         print(f"wrote {args.write_prefect_yaml}")
         return 0
@@ -362,12 +364,8 @@ def cmd_serve(args) -> int:
         spec.timezone = args.timezone
     spec.schedules.update(parse_cron_flags(args.cron, spec.timezone))
     if url is None:
-        from flows.errors import UsageError
-
         raise UsageError(f"serve needs a running Prefect server: run `llmpipe server start --workdir {args.workdir}` "
                          "or set PREFECT_API_URL")
-    from flows.server import healthy
-
     if not healthy(f"{url.rstrip('/')}/health", timeout=10.0):
         raise RuntimeError(f"PREFECT_API_URL={url}: no Prefect server answers GET {url.rstrip('/')}/health")
     register_only = args.register_only or bool(args.pool)  # a work pool's workers run them, not this process
@@ -421,6 +419,6 @@ def register(subparsers) -> None:
 
 
 if __name__ == "__main__":
-    from flows.cli import main
+    from flows.cli import main  # lazy: flows.cli imports this module
 
     sys.exit(main(["serve", *sys.argv[1:]]))

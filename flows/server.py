@@ -25,8 +25,10 @@ even when the run is killed with -9 (PR_SET_PDEATHSIG). `llmpipe serve` needs a 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import signal
@@ -41,6 +43,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from flows.errors import UsageError
+from flows.tracking import default_tracking_uri
+from llm.fsutil import atomic_write_text
 
 STATE_DIR = ".llmpipe"
 SERVICES = ("prefect", "mlflow")
@@ -79,8 +83,6 @@ def service_spec(name: str, workdir: str | Path, port: int) -> Service:
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
         return Service(name, port, base, f"{base}/api/health", f"{base}/api", cmd, env)
     if name == "mlflow":
-        from flows.tracking import default_tracking_uri
-
         artifacts = (wd / "mlruns" / "artifacts").resolve()
         # background jobs (GenAI evaluation, trace archival) are not used here: 9 fewer processes
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
@@ -204,8 +206,6 @@ def ensure_prefect(workdir: str | Path, echo: Callable[[str], None] = print) -> 
     url = prefect_api_url(workdir)
     if url:
         return url
-    import fcntl
-
     state_dir(workdir).mkdir(parents=True, exist_ok=True)
     with open(state_dir(workdir) / "prefect.lock", "a") as lock:  # two runs starting at once start one server
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -294,8 +294,6 @@ def start_service(name: str, workdir: str | Path, port: int, timeout: float = 18
         log.flush()
         proc = subprocess.Popen(spec.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=str(Path(workdir).resolve()), start_new_session=True)
-    from llm.fsutil import atomic_write_text
-
     info = {"name": name, "pid": proc.pid, "pgid": proc.pid, "port": port, "url": spec.url,
             "api_url": spec.api_url, "health_url": spec.health_url, "log": str(log_file), "cmd": spec.cmd,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -390,8 +388,6 @@ def status(workdir: str | Path) -> list[dict]:
 # --- CLI ------------------------------------------------------------------------------------------------------
 
 def _port(value: str) -> int:
-    import argparse
-
     try:
         p = int(value)
     except ValueError:

@@ -8,14 +8,20 @@ flows/pipeline.py turns each into a Prefect task with MLflow tracking and cachin
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from llm.config import STAGES, PipelineConfig
+from llm.config import STAGES, PipelineConfig, load_config
 from llm.result import StageResult
+from llm.sources import default_sources_path, load_sources
+
+# The stage bodies below import their llm/ module inside the function, deliberately: (1) flows/cache.py keys
+# each stage's code by the imports in its body's source (an import up here would drop the module from the
+# key), and (2) a fully cached run must not import torch (llm.train, llm.spam, ...) or the judge's pandas.
 
 # upstream: {stage: info}; info = {"outputs": {name: path}, "output_hashes": {name: sha}, ...}
 Upstream = dict[str, dict]
@@ -75,8 +81,6 @@ class StageContext:
 def resolve(preset: str, config_file: Optional[str], overrides: list[str], mirror: Optional[str],
             corpus: list[str]) -> PipelineConfig:
     """The pipeline's config: preset, then --config file, then --set overrides, --mirror, --corpus."""
-    from llm.config import load_config
-
     extra = list(overrides)
     if mirror:
         extra.append(f"download.mirror={json.dumps(str(mirror))}")
@@ -90,8 +94,6 @@ def resolve(preset: str, config_file: Optional[str], overrides: list[str], mirro
 
 def sources_file(cfg: PipelineConfig, workdir: Path) -> Path:
     """download.sources_file, else <workdir>/data/sources.yaml, else the copy shipped with llmpipe."""
-    from llm.sources import default_sources_path
-
     if cfg.download.sources_file:
         p = Path(cfg.download.sources_file).expanduser()
         if not p.is_absolute():
@@ -244,11 +246,11 @@ def plan(cfg: PipelineConfig, requested: list[str]) -> list[str]:
 def extra_input_hashes(stage: str, cfg: PipelineConfig) -> dict[str, str]:
     """Content hashes of inputs that are not upstream outputs: user corpus files, local data files,
     and for download the pinned entries of the sources it fetches."""
-    from flows.cache import sha256_file
+    from flows.cache import sha256_file  # lazy: flows.cache imports this module
 
     out: dict[str, str] = {}
     if stage == "clean" and cfg.clean.corpus:
-        from llm.clean import resolve_corpus
+        from llm.clean import resolve_corpus  # lazy: llm.clean imports pyarrow
 
         for p in resolve_corpus(cfg.clean.corpus):
             out[f"corpus:{p.resolve()}"] = sha256_file(p)
@@ -263,10 +265,7 @@ def extra_input_hashes(stage: str, cfg: PipelineConfig) -> dict[str, str]:
 
 def source_entries_hash(names: list[str], path: Path) -> str:
     """Hash of the pinned entries (url, sha256, member) of the sources the download stage fetches."""
-    import hashlib
-
-    from flows.cache import stable_json
-    from llm.sources import load_sources
+    from flows.cache import stable_json  # lazy: flows.cache imports this module
 
     known = load_sources(path)
     unknown = [n for n in names if n not in known]
@@ -279,8 +278,6 @@ def source_entries_hash(names: list[str], path: Path) -> str:
 
 
 if __name__ == "__main__":
-    from llm.config import load_config
-
     c = load_config(sys.argv[1] if len(sys.argv) > 1 else "tiny")
     for s in plan(c, ["all"]):
         print(f"{s:9s} <- {', '.join(STAGE_DEFS[s].deps(c)) or '-'}")

@@ -29,7 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+from flows import timing
 from flows.errors import UsageError
+from flows.report import fmt, headline
+from flows.server import ensure_prefect, prefect_mode, temporary_prefect
+from flows.tracking import get_tracker, pipeline_run_name, process_tags, run_url, short_commit
+from llm.procenv import child_env
 
 # the metric variants are ranked by: the first of these whose stage every variant has
 RANK_BY = (("judge", "judge_mean_score", "max"), ("spam", "test_accuracy", "max"),
@@ -90,8 +95,6 @@ def rank(results: list[dict]) -> tuple[Optional[tuple[str, str, str]], list[dict
 
 
 def table_lines(axes: list[tuple[str, list[str]]], ranked: list[dict], by) -> list[str]:
-    from flows.report import fmt, headline
-
     keys = [k for k, _ in axes]
     # the metrics of the stages the grid changes and of the stage the variants are ranked by
     wanted = {k.split(".")[0] for k in keys} | ({by[0]} if by else set())
@@ -135,7 +138,7 @@ def _one_subprocess(args, overrides: list[str], parent_run_id: str, name: str) -
         cmd += ["--mirror", args.mirror]
     if args.corpus:
         cmd += ["--corpus", *args.corpus]
-    env = dict(os.environ, LLMPIPE_PARENT_RUN_ID=parent_run_id)
+    env = child_env({"LLMPIPE_PARENT_RUN_ID": parent_run_id})  # this checkout's flows.cli, installed or not
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -144,8 +147,7 @@ def _one_subprocess(args, overrides: list[str], parent_run_id: str, name: str) -
 
 
 def run_sweep(args, axes: list[tuple[str, list[str]]]) -> dict:
-    from flows.pipeline import _commit, pipeline
-    from flows.tracking import get_tracker, pipeline_run_name, process_tags, run_url, short_commit
+    from flows.pipeline import _commit, pipeline  # lazy: prefect; `llmpipe --help` imports this module
 
     wd = Path(args.workdir).resolve()
     tracker = get_tracker(wd)
@@ -205,8 +207,8 @@ def run_sweep(args, axes: list[tuple[str, list[str]]]) -> dict:
 
 
 def cmd_sweep(args) -> int:
-    from flows import cli, timing
-    from flows.stages import resolve
+    from flows import cli  # lazy: flows.cli imports this module
+    from flows.stages import resolve  # lazy: keeps `llmpipe --help` from importing the stage table
 
     cli._validate_stages(args.stages)
     if args.parallel < 1:
@@ -218,8 +220,6 @@ def cmd_sweep(args) -> int:
     cli.check_writable_paths(Path(args.workdir))
     with contextlib.ExitStack() as stack:
         if not os.environ.get("PREFECT_API_URL"):
-            from flows.server import ensure_prefect, prefect_mode, temporary_prefect
-
             if prefect_mode() == "server":
                 os.environ["PREFECT_API_URL"] = ensure_prefect(args.workdir, echo=cli._err)
             else:
@@ -236,7 +236,7 @@ def cmd_sweep(args) -> int:
 
 
 def register(subparsers) -> None:
-    from flows import cli
+    from flows import cli  # lazy: flows.cli imports this module
 
     p = subparsers.add_parser("sweep", help="run a grid of config values as pipeline runs under one MLflow run")
     p.add_argument("stages", nargs="*", default=["all"], metavar="STAGE",

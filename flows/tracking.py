@@ -13,6 +13,8 @@ Open the UI on the default store:
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import importlib
 import json
 import logging
 import os
@@ -24,6 +26,9 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from flows import timing
+
+# mlflow is imported inside the methods that use it, deliberately: flows.pipeline imports this module, and a
+# fully cached `llmpipe run` talks to MLflow from a side process (flows/trackproc.py) and never imports it here.
 
 EXPERIMENT = "llmpipe"
 MAX_PARAM_LEN = 6000
@@ -146,8 +151,6 @@ def _store_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
-
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.parent / f".{db.name}.lock", "a") as f:
@@ -274,8 +277,6 @@ class Tracker:
         """Run `module:function(self, *args, **kwargs)` next to the store: in this process, or in the side
         process when the tracker lives there (flows/trackproc.py), so results that are MLflow objects never
         cross the pipe and the caller never imports MLflow."""
-        import importlib
-
         module, name = func.split(":")
         return getattr(importlib.import_module(module), name)(self, *args, **kwargs)
 

@@ -21,12 +21,16 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
-from flows import timing
+from flows import timing, tracking
 from flows.isolate import _recv as isolate_recv
 from flows.isolate import _send
+from flows.server import _die_with_parent
+from flows.tracking import BatchedMetricLogger, Tracker
+from llm.procenv import child_env
 
 
 def _recv(inp) -> Any:
@@ -62,12 +66,9 @@ class TrackerProxy:
     """Looks like flows.tracking.Tracker; the real one runs in the child process."""
 
     def __init__(self, workdir: Path, experiment: str):
-        from flows.server import _die_with_parent
-
         self.workdir = Path(workdir)
-        env = dict(os.environ)
         self._proc = subprocess.Popen([sys.executable, "-m", "flows.trackproc", str(self.workdir), experiment],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(),
                                       preexec_fn=_die_with_parent)
         self._lock = threading.Lock()
         self._hello: Optional[dict] = None
@@ -100,8 +101,6 @@ class TrackerProxy:
         if name in ("uri", "experiment_id"):
             return self._ready()[name]
         if name == "metric_logger":
-            from flows.tracking import BatchedMetricLogger
-
             return lambda run_id, flush_every=5.0, max_buffer=500: BatchedMetricLogger(self, run_id, flush_every,
                                                                                         max_buffer)
         return _Attr(self, name)
@@ -119,8 +118,6 @@ class TrackerProxy:
 
 def start_side_tracker(workdir: Path, experiment: Optional[str] = None) -> Any:
     """Start the tracking process for `workdir` and register it where get_tracker finds it."""
-    from flows import tracking
-
     experiment = experiment or tracking.EXPERIMENT
     if os.environ.get("LLMPIPE_TRACKER_PROCESS", "1") == "0":
         return tracking.warm_up(workdir)
@@ -132,14 +129,10 @@ def start_side_tracker(workdir: Path, experiment: Optional[str] = None) -> Any:
 
 
 def _serve(workdir: str, experiment: str) -> None:
-    import time
-
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed goes to stderr, never into the pipe
     t = time.perf_counter()
     try:
-        from flows.tracking import Tracker
-
         tracker = Tracker(Path(workdir), experiment)
         _send(out, {"uri": tracker.uri, "experiment_id": tracker.experiment_id, "seconds": time.perf_counter() - t})
     except Exception as e:  # reported to the caller at its first call

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import os
 import sys
+import webbrowser
 from pathlib import Path
+
+from flows.server import start_service
+from flows.tracking import get_tracker, is_remote
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -37,9 +41,6 @@ def experiment_url(base: str, experiment_id: str) -> str:
 
 
 def cmd_ui(args) -> int:
-    from flows.server import start_service
-    from flows.tracking import get_tracker, is_remote
-
     wd = Path(args.workdir)
     tracker = get_tracker(wd)
     mark_training_experiment(tracker)
@@ -54,8 +55,6 @@ def cmd_ui(args) -> int:
         url = experiment_url(info["url"], tracker.experiment_id)
     print(url, flush=True)
     if not args.no_browser and (os.environ.get("DISPLAY") or sys.platform == "darwin"):
-        import webbrowser
-
         webbrowser.open(url)
     return 0
 

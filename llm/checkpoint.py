@@ -16,17 +16,15 @@ checkpoint that looks complete.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm.fsutil import _umask, atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from llm.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text  # noqa: F401  (the last two re-exported)
 from llm.model import GPT, GPTConfig
 
 CKPT_RE = re.compile(r"^step-(\d{6,})$")
@@ -48,30 +46,22 @@ def state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model(model: GPT, directory: str | Path, extra: Optional[dict] = None,
                state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
-    """Write model.safetensors + config.json into `directory` atomically (a temp folder, then rename)."""
+    """Write model.safetensors + config.json into `directory` atomically (llm.fsutil.atomic_dir: a temp
+    folder, fsynced, renamed into place)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
-    try:
-        sd = state_dict if state_dict is not None else state_dict_for_save(model)
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = {"llmpipe_model": model.cfg.to_dict()}
-        if extra:
-            cfg["llmpipe"] = extra
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(directory) as tmp:
+        _write_model_files(model, tmp, extra, state_dict)
     return directory
+
+
+def _write_model_files(model: GPT, folder: Path, extra: Optional[dict] = None,
+                       state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    sd = state_dict if state_dict is not None else state_dict_for_save(model)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = {"llmpipe_model": model.cfg.to_dict()}
+    if extra:
+        cfg["llmpipe"] = extra
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def read_config(directory: str | Path) -> dict:
@@ -143,31 +133,16 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-
-
 def save_checkpoint(ckpt_root: Path, step: int, model: GPT, opt: torch.optim.Optimizer, state: dict,
                     extra_tensors: dict[str, torch.Tensor], keep: int, stage: str = "pretrain") -> Path:
-    """Write checkpoints/step-XXXXXX atomically (hidden temp folder, then rename); keep the newest `keep`.
-    `stage` goes into config.json's llmpipe metadata."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
-    try:
-        folder = save_model(model, tmp_root / name, extra={"tokenizer": "gpt2", "stage": stage, "step": step})
+    """Write checkpoints/step-XXXXXX atomically (llm.fsutil.atomic_dir: a hidden temp folder, every file
+    fsynced, renamed into place); keep the newest `keep`. `stage` goes into config.json's llmpipe metadata."""
+    final = Path(ckpt_root) / f"step-{step:06d}"
+    with atomic_dir(final) as folder:
+        _write_model_files(model, folder, extra={"tokenizer": "gpt2", "stage": stage, "step": step})
         tensors, groups = optimizer_to_flat(opt)
         save_file({**tensors, **extra_tensors}, str(folder / "optimizer.safetensors"))
         (folder / "state.json").write_text(json.dumps({**state, "optimizer_param_groups": groups}))
-        _fsync_tree(folder)
-        final = ckpt_root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(folder, final)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from llm.fsutil import atomic_write_text, temp_file
+from llm.fsutil import atomic_write_text, publish_file, temp_file
 from llm.config import CleanConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -473,7 +473,7 @@ def run_clean(cfg: CleanConfig, inputs: dict[str, Path], out_dir: Path, progress
             named = ", ".join(str(p) for p, _ in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
             raise ValueError(f"clean: no documents left after cleaning {stats['documents_in']} input document(s) "
                              f"(dropped: {reasons}; min_chars={cfg.min_chars}) of {named}")
-        os.replace(tmp, final)
+        publish_file(tmp, final)  # fsync, rename, fsync the folder
     finally:
         if tmp.exists():
             tmp.unlink()

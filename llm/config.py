@@ -108,7 +108,7 @@ class ShardConfig(Section):
     )
     seed: int = 123
     max_shard_mb: float = Field(64.0, gt=0, description="cap on one shard file's token payload")
-    workers: int = Field(0, ge=0, description="tokenizer worker processes (0 = every free core)")
+    workers: int = Field(0, ge=0, description="tokenizer worker processes (0 = every core this process may use: its CPU affinity)")
 
 
 class ModelConfigSection(Section):
@@ -303,7 +303,7 @@ class OrchestrationConfig(Section):
     dask_address: Optional[str] = Field(
         None, description="scheduler address of an existing Dask cluster (tcp://host:8786); "
         "none = a local cluster of worker processes for the run")
-    dask_workers: int = Field(0, ge=0, description="worker processes of the local Dask cluster (0 = every free core)")
+    dask_workers: int = Field(0, ge=0, description="worker processes of the local Dask cluster (0 = every core this process may use: its CPU affinity)")
     concurrent_finetunes: Union[bool, Literal["auto"]] = Field(
         "auto", description="run spam and instruct at the same time, each in its own process: true, false, or "
         "auto (when each can have a GPU of its own, or at least 4 CPU cores)")

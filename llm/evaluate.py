@@ -9,7 +9,8 @@
 Loss is the mean next-token cross-entropy over every token of non-overlapping context-length
 windows of the val split (the book's calc_loss_loader, token-weighted), capped at cfg.max_batches
 batches; perplexity = exp(loss). Each source is also scored on its own val tokens
-(val_loss_<source>). A split or source shorter than one full window is scored as a single shorter
+(val_loss_<source>). The windows are llm.shards.TokenWindows (stride = context), the same as
+pretrain's val_loss: a split or source shorter than one full window is scored as a single shorter
 window rather than skipped. Samples: each prompt continued greedily and with temperature/top-k
 sampling (seeded), written to samples.md and samples.json; a bar plot compares the sources.
 The checkpoint may be an llmpipe checkpoint or a Hugging Face GPT-2 folder.
@@ -23,34 +24,18 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
-from llm.fsutil import atomic_write_text, save_figure
 from llm.config import EvaluateConfig
+from llm.fsutil import atomic_write_text, save_figure
+from llm.generate import generate
+from llm.procenv import allowed_cores
 from llm.result import MetricLogger, StageResult, log_or_null
-
-
-class _Windows:
-    """Non-overlapping (input, target) windows of a token array; one shorter window if the array is short."""
-
-    def __init__(self, tokens: np.ndarray, ctx: int):
-        self.tokens, self.ctx = tokens, ctx
-        n = len(tokens)
-        if n >= ctx + 1:
-            self.starts, self.length = list(range(0, n - ctx, ctx)), ctx
-        elif n >= 2:
-            self.starts, self.length = [0], n - 1
-        else:
-            self.starts, self.length = [], 0
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.starts[i]
-        t = torch.from_numpy(self.tokens[s:s + self.length + 1].astype(np.int64))
-        return t[:-1], t[1:]
+from llm.shards import TokenWindows, read_tokens, sources
+from llm.tokenizer import get_encoding
+from llm.train import loss_sums
+from llm.weights import load_pretrained
 
 
 def metric_name(source: str) -> str:
@@ -58,9 +43,7 @@ def metric_name(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", source).strip("_") or "source"
 
 
-def _score(model, windows: _Windows, cfg: EvaluateConfig, device, bar) -> tuple[float, int]:
-    from llm.train import loss_sums
-
+def _score(model, windows: TokenWindows, cfg: EvaluateConfig, device, bar) -> tuple[float, int]:
     n = len(windows) if cfg.max_batches is None else min(len(windows), cfg.max_batches * cfg.batch_size)
     total, count = 0.0, 0
     for i in range(0, n, cfg.batch_size):  # batch by batch so the progress bar moves
@@ -71,7 +54,7 @@ def _score(model, windows: _Windows, cfg: EvaluateConfig, device, bar) -> tuple[
 
 
 def _plot(per_source: dict[str, float], overall: float, path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # lazy: only this plot needs it, and the Agg backend must be chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,18 +75,10 @@ def _plot(per_source: dict[str, float], overall: float, path: Path) -> Path:
 def run_evaluate(cfg: EvaluateConfig, shard_dir: Path, checkpoint_dir: Path, out_dir: Path, progress: bool = True,
                  log: Optional[MetricLogger] = None) -> StageResult:
     """Score the val split (all and per source) and write sample generations; see the module docstring."""
-    from tqdm import tqdm
-
-    from llm.generate import generate
-    from llm.shards import read_tokens, sources
-    from llm.tokenizer import get_encoding
-    from llm.train import free_cores
-    from llm.weights import load_pretrained
-
     log = log_or_null(log)
     shard_dir, checkpoint_dir, out_dir = Path(shard_dir), Path(checkpoint_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(free_cores())
+    torch.set_num_threads(allowed_cores())  # the cores this process may use, never the load
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(str(checkpoint_dir)).to(device).eval()
     ctx = model.cfg.context_length
@@ -116,11 +91,11 @@ def run_evaluate(cfg: EvaluateConfig, shard_dir: Path, checkpoint_dir: Path, out
     if int(all_tokens.max()) >= model.cfg.vocab_size:
         raise ValueError(f"{shard_dir}: val token id {int(all_tokens.max())} is outside the model's vocabulary "
                          f"({model.cfg.vocab_size}) in {checkpoint_dir}")
-    sets = {"": _Windows(all_tokens, ctx)}
+    sets = {"": TokenWindows(all_tokens, ctx, ctx)}
     for src in sources(shard_dir):
         toks = read_tokens(shard_dir, "val", source=src, verify=False)
         if len(toks) >= 2:
-            sets[src] = _Windows(toks, ctx)
+            sets[src] = TokenWindows(toks, ctx, ctx)
     n_batches = sum(-(-(len(w) if cfg.max_batches is None else min(len(w), cfg.max_batches * cfg.batch_size))
                       // cfg.batch_size) for w in sets.values())
     metrics: dict[str, float] = {}

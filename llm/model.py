@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.config import NAMED_CONFIGS  # the named shapes live with the config (no torch) to be checked up front
+from llm.fsutil import atomic_write_text
 
 EOT_ID = 50256
 
@@ -69,7 +70,7 @@ class GPTConfig:
         return cls(**d)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> "GPTConfig":

@@ -32,7 +32,6 @@ import collections
 import contextlib
 import hashlib
 import json
-import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -40,12 +39,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from llm import tokenizer as tok
-from llm.fsutil import atomic_write_text, sha256_file, temp_file
+from llm.fsutil import atomic_write_text, publish_file, sha256_file, temp_file
 from llm.config import ShardConfig
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -111,7 +111,7 @@ class _SplitWriter:
             return
         self._writer.close()
         final = self.out_dir / f"{self.split}-{len(self.files):05d}.parquet"
-        os.replace(self._tmp, final)
+        publish_file(self._tmp, final)
         self.files.append({"name": final.name, "rows": self._file_rows, "tokens": self._file_tokens,
                            "bytes": final.stat().st_size, "sha256": _sha256(final)})
         self._writer, self._tmp = None, None
@@ -323,7 +323,6 @@ def read_tokens(shard_dir: str | Path, split: str, source: Optional[str] = None,
         cols = ["tokens"] if source is None else ["tokens", "source"]
         table = pq.read_table(shard_dir / f["name"], columns=cols)
         if source is not None:
-            import pyarrow.compute as pc
             table = table.filter(pc.equal(table.column("source"), source))
         for chunk in table.column("tokens").chunks:
             flat = chunk.flatten()  # respects offsets/slices
@@ -340,11 +339,20 @@ def sources(shard_dir: str | Path) -> list[str]:
 
 
 class TokenWindows(torch.utils.data.Dataset):
-    """The book's GPTDatasetV1 windows over a 1-D token array, without materialising them.
+    """(input, target) windows over a 1-D token array, without materialising them -- the one
+    sliding-window dataset, used by pretrain (train and val) and by evaluate.
 
-    Item i is (tokens[s:s+ctx], tokens[s+1:s+ctx+1]) with s = i*stride, as int64 tensors, for every
-    s in range(0, len(tokens) - ctx, stride) -- exactly the book's loop. len() is 0 when the data has
-    no more than context_length tokens: callers must handle an empty dataset (e.g. a tiny val split).
+    Item i is (tokens[s:s+L], tokens[s+1:s+L+1]) as int64 tensors. The rule, by the array's length n:
+
+      - n >= context_length + 1: the book's GPTDatasetV1 windows, L = context_length and
+        s in range(0, n - context_length, stride) -- exactly the book's loop;
+      - 2 <= n <= context_length: ONE window of all the tokens, L = n - 1 (shorter than the context;
+        stride plays no part), so a short val split or source is scored rather than skipped;
+      - n < 2: no window (len() == 0).
+
+    `short` says whether the second case applied. A train split must give full windows:
+    `from_shards(..., "train", ...)` raises ValueError naming the split and its token count when it
+    holds fewer than context_length + 1 tokens.
     """
 
     def __init__(self, tokens: np.ndarray | torch.Tensor | Sequence[int], context_length: int,
@@ -362,13 +370,25 @@ class TokenWindows(torch.utils.data.Dataset):
         self.tokens = arr
         self.context_length = context_length
         self.stride = stride
-        span = len(arr) - context_length
-        self._n = 0 if span <= 0 else (span - 1) // stride + 1
+        n = len(arr)
+        self.short = 2 <= n <= context_length
+        self.length = context_length if n > context_length else max(0, n - 1)  # L: tokens per input
+        if n > context_length:
+            self._n = (n - context_length - 1) // stride + 1
+        else:
+            self._n = 1 if self.short else 0
 
     @classmethod
     def from_shards(cls, shard_dir: str | Path, split: str, context_length: int, stride: Optional[int] = None,
                     source: Optional[str] = None, verify: bool = True) -> "TokenWindows":
-        return cls(read_tokens(shard_dir, split, source=source, verify=verify), context_length, stride)
+        """The windows of one split's tokens (read_tokens); a train split shorter than one full window
+        is a ValueError."""
+        ds = cls(read_tokens(shard_dir, split, source=source, verify=verify), context_length, stride)
+        if split == "train" and len(ds.tokens) <= context_length:
+            raise ValueError(f"{shard_dir}: the train split has {len(ds.tokens)} tokens, shorter than "
+                             f"context_length+1 = {context_length + 1}; use more text or a smaller "
+                             "pretrain.model.context_length")
+        return ds
 
     def __len__(self) -> int:
         return self._n
@@ -379,7 +399,7 @@ class TokenWindows(torch.utils.data.Dataset):
         if not 0 <= i < self._n:
             raise IndexError(f"window {i} out of range (0..{self._n - 1})")
         s = i * self.stride
-        chunk = self.tokens[s:s + self.context_length + 1].astype(np.int64)
+        chunk = self.tokens[s:s + self.length + 1].astype(np.int64)
         t = torch.from_numpy(chunk)
         return t[:-1], t[1:]
 

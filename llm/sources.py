@@ -27,10 +27,10 @@ raw_dir/download_manifest.json (name, url actually used, sha256, size). Run
 """
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import logging
-import os
 import posixpath
 import re
 import shutil
@@ -48,8 +48,9 @@ from typing import Optional
 import yaml
 from tqdm.auto import tqdm
 
-from llm.fsutil import atomic_write_text, sha256_file, temp_file
+import llm
 from llm.config import DownloadConfig, yaml_error_message
+from llm.fsutil import atomic_write_text, publish_file, sha256_file, temp_file
 from llm.result import MetricLogger, StageResult, log_or_null
 
 log = logging.getLogger("llmpipe")
@@ -99,8 +100,6 @@ class FetchResult:
 
 def default_sources_path() -> Path:
     """<cwd>/data/sources.yaml if present, else the copy shipped next to the package."""
-    import llm
-
     candidates = [
         Path.cwd() / "data" / "sources.yaml",
         Path(llm.__file__).resolve().parent.parent / "data" / "sources.yaml",
@@ -348,7 +347,7 @@ def fetch(source: Source, raw_dir: str | Path, mirror: str | Path | None = None,
                     f"source '{source.name}': sha256 mismatch for {what}{location}: expected {source.sha256}, "
                     f"got {actual}. If the upstream file legitimately changed, accept it with "
                     f"download.accept_changed=[{source.name}] (the new hash is recorded).")
-            os.replace(final, dest)
+            publish_file(final, dest)  # fsync, rename, fsync the folder
             return FetchResult(dest, actual, downloaded=True, changed=changed, url=location,
                                size=dest.stat().st_size, bytes_fetched=nbytes)
         except _NotFound:
@@ -419,8 +418,6 @@ def _recorded_url(raw_dir: Path, name: str) -> Optional[str]:
 
 
 if __name__ == "__main__":
-    import argparse
-
     ap = argparse.ArgumentParser(description="Fetch sources from data/sources.yaml into a raw folder.")
     ap.add_argument("names", nargs="*", help="source names (default: all)")
     ap.add_argument("--mirror", default=None)

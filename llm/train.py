@@ -488,39 +488,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-# TEMPORARY (issue 12): names llm.spam, llm.instruct, llm.dpo, llm.evaluate and flows (cli, pyfunc) still
-# import from here; they move to llm.training / llm.procenv in those modules' branches, and this block
-# goes at the merge.
-import shutil  # noqa: E402
-
-from safetensors.torch import load_file  # noqa: E402
-
-from llm.checkpoint import list_checkpoints, load_weights_into, optimizer_from_flat, save_checkpoint  # noqa: E402,F401
-from llm.training import param_groups, restore_rng, rng_state_json, rng_state_tensors  # noqa: E402,F401
-
-free_cores = allowed_cores
-_rng_json, _rng_tensors = rng_state_json, rng_state_tensors
-
-
-def resume_finetune(ckpt_root: Path, identity: dict, model: nn.Module, opt: torch.optim.Optimizer,
-                    device: torch.device, stage: str) -> Optional[dict]:
-    """The finetune stages' resume until they use llm.training.TrainState (the state format of before)."""
-    for stale in ckpt_root.glob(".step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    ckpts = list_checkpoints(ckpt_root)
-    if not ckpts:
-        return None
-    latest = ckpts[-1]
-    state = json.loads((latest / "state.json").read_text())
-    if state.get("identity") != identity:
-        raise ValueError(f"{latest / 'state.json'}: this checkpoint was made with a different {stage} config, "
-                         "data or base model; use a new output folder (or delete its checkpoints/) to start over")
-    load_weights_into(model, load_file(str(latest / "model.safetensors"), device=str(device)), latest)
-    tensors = load_file(str(latest / "optimizer.safetensors"))
-    optimizer_from_flat(opt, tensors, state["optimizer_param_groups"])
-    restore_rng(state["rng"], tensors, device)
-    return state
-
-
 if __name__ == "__main__":
     sys.exit(main())

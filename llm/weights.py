@@ -27,15 +27,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from llm.checkpoint import load_model
+from llm.generate import generate_text
 from llm.model import GPT, GPTConfig
+from llm.tokenizer import get_encoding
 
 HUB_MODELS = {
     "gpt2": "openai-community/gpt2",
@@ -187,10 +192,7 @@ def load_hf_gpt2(folder: str | Path, drop_rate: float = 0.0, context_length: Opt
 
 def _probe_hub(timeout: float = 3.0) -> None:
     """Fail fast (instead of hf_hub_download's retries) when the hub's host cannot be reached."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # lazy: optional (installed with transformers), only for hub names
 
     if constants.HF_HUB_OFFLINE:
         raise ConnectionError("HF_HUB_OFFLINE is set")
@@ -201,7 +203,7 @@ def _probe_hub(timeout: float = 3.0) -> None:
 
 def _hub_folder(name: str) -> Path:
     """config.json + model.safetensors of a hub model: the local HF cache first, then the network."""
-    from huggingface_hub import hf_hub_download  # installed with transformers
+    from huggingface_hub import hf_hub_download  # lazy: optional (installed with transformers), only for hub names
 
     repo = HUB_MODELS.get(name, name)
     files = ("config.json", "model.safetensors")
@@ -230,8 +232,6 @@ def load_pretrained(spec: str, drop_rate: float = 0.0, context_length: Optional[
         cfg_path = path / "config.json"
         raw = _read_json(cfg_path)
         if "llmpipe_model" in raw:
-            from llm.checkpoint import load_model
-
             model = load_model(path)
             if context_length is not None and context_length != model.cfg.context_length:
                 raise ValueError(f"{cfg_path}: checkpoint context_length is {model.cfg.context_length}, "
@@ -252,9 +252,6 @@ def load_pretrained(spec: str, drop_rate: float = 0.0, context_length: Optional[
 
 
 if __name__ == "__main__":
-    from llm.generate import generate_text
-    from llm.tokenizer import get_encoding
-
     if len(sys.argv) < 2:
         sys.exit("usage: python -m llm.weights FOLDER_OR_NAME [PROMPT]")
     m = load_pretrained(sys.argv[1])

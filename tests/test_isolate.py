@@ -35,6 +35,25 @@ def test_when_finetunes_run_concurrently(mode, cores, gpus, expected):
     assert finetune_shares(cfg, cores=cores, gpus=gpus) == expected
 
 
+def test_each_finetune_process_gets_its_own_cpus():
+    """finetune_shares splits allowed_cores() (the CPU affinity); share_cpus gives spam the first part of
+    the CPU list and instruct the rest, so the two child processes never share a core."""
+    import os
+
+    from flows.isolate import share_cpus
+
+    cpus = sorted(os.sched_getaffinity(0))
+    cfg = load_config("tiny", overrides=["orchestration.concurrent_finetunes=true"])
+    shares = finetune_shares(cfg, gpus=0)
+    half = max(1, len(cpus) // 2)
+    assert shares == {"spam": Share(half), "instruct": Share(max(1, len(cpus) - half))}
+    spam, instruct = share_cpus("spam", shares["spam"]), share_cpus("instruct", shares["instruct"])
+    assert spam == cpus[:half] and instruct == cpus[len(cpus) - len(instruct):]
+    if len(cpus) >= 2:
+        assert spam + instruct == cpus
+    assert share_cpus("spam", Share(4)) == cpus[:4] and share_cpus("pretrain", Share(1)) is None
+
+
 def _tree(d: Path) -> dict[str, str]:
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
             if p.is_file() and not p.name.startswith(".") and p.suffix not in (".png", ".json")}
@@ -171,6 +190,8 @@ def test_stage_process_ends_when_the_flow_process_is_killed(tmp_path):
         assert kids, "the stage process was not found"
         time.sleep(4)  # past start-up, into training (which reports nothing before step 10^9)
         assert parent.poll() is None, parent.stderr.read()
+        # the spam process is pinned to its share: the first of this process's allowed CPUs
+        assert os.sched_getaffinity(kids[0]) == {sorted(os.sched_getaffinity(0))[0]}
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=10)
         deadline = time.time() + 20

@@ -213,13 +213,16 @@ def test_token_windows_match_the_book():
     assert ds[-1][0].tolist() == [3, 4, 5, 6]
     with pytest.raises(IndexError):
         ds[2]
-    assert len(TokenWindows(toy, 10)) == 0 and len(TokenWindows(toy, 9)) == 1 and len(TokenWindows(toy, 20)) == 0
+    assert len(TokenWindows(toy, 9)) == 1 and not TokenWindows(toy, 9).short
     rng = np.random.default_rng(0)
     for n in (0, 1, 5, 17, 64, 65, 100):
         arr = rng.integers(0, 50257, size=n).astype(np.uint16)
         for ctx in (1, 4, 16, 64):
             for stride in (1, 3, ctx):
                 ds = TokenWindows(arr, ctx, stride)
+                if n <= ctx:  # shorter than one window: the stated rule, tested below
+                    assert len(ds) == (1 if n >= 2 else 0), (n, ctx, stride)
+                    continue
                 bx, by = book_windows(arr.astype(np.int64).tolist(), ctx, stride)
                 assert len(ds) == len(bx), (n, ctx, stride)
                 for i in range(len(ds)):
@@ -230,6 +233,54 @@ def test_token_windows_match_the_book():
     assert xb.shape == (2, 8) and torch.equal(yb[:, :-1], xb[:, 1:])
     with pytest.raises(ValueError, match="context_length"):
         TokenWindows(toy, 0)
+
+
+def test_token_windows_long_split():
+    ds = TokenWindows(np.arange(20, dtype=np.uint16), context_length=4)  # stride = context
+    assert len(ds) == 4 and not ds.short
+    assert [ds[i][0].tolist() for i in range(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert ds[3][1].tolist() == [13, 14, 15, 16]  # tokens 17..19 start no window: a 5th needs 21 tokens
+    ds = TokenWindows(np.arange(20, dtype=np.uint16), context_length=4, stride=6)
+    assert len(ds) == 3 and [ds[i][0].tolist()[0] for i in range(3)] == [0, 6, 12]
+
+
+def test_token_windows_split_of_exactly_context_plus_one():
+    ds = TokenWindows(np.arange(5, dtype=np.uint16), context_length=4, stride=1)
+    assert len(ds) == 1 and not ds.short
+    x, y = ds[0]
+    assert x.tolist() == [0, 1, 2, 3] and y.tolist() == [1, 2, 3, 4]
+
+
+def test_token_windows_split_shorter_than_a_window():
+    """2..context tokens: ONE window of all of them (shorter than the context), whatever the stride."""
+    for n, stride in ((4, 4), (3, 1), (2, 7)):
+        ds = TokenWindows(np.arange(10, 10 + n, dtype=np.uint16), context_length=4, stride=stride)
+        assert len(ds) == 1 and ds.short
+        x, y = ds[0]
+        assert x.tolist() == list(range(10, 10 + n - 1)) and y.tolist() == list(range(11, 10 + n))
+        assert ds[-1][0].tolist() == x.tolist()
+        with pytest.raises(IndexError):
+            ds[1]
+
+
+def test_token_windows_split_of_one_token():
+    for n in (0, 1):
+        ds = TokenWindows(np.arange(n, dtype=np.uint16), context_length=4)
+        assert len(ds) == 0 and not ds.short
+        with pytest.raises(IndexError):
+            ds[0]
+
+
+def test_short_train_split_is_an_error_short_val_split_is_one_window(tmp_path):
+    docs = write_docs(tmp_path / "d.parquet")
+    run_shard(ShardConfig(), docs, tmp_path / "s", progress=False)
+    n_train, n_val = len(read_tokens(tmp_path / "s", "train")), len(read_tokens(tmp_path / "s", "val"))
+    assert n_val < n_train
+    with pytest.raises(ValueError, match=rf"the train split has {n_train} tokens, shorter than "
+                                         rf"context_length\+1 = {n_train + 1}"):
+        TokenWindows.from_shards(tmp_path / "s", "train", context_length=n_train)
+    val = TokenWindows.from_shards(tmp_path / "s", "val", context_length=n_val)
+    assert len(val) == 1 and val.short and val[0][0].tolist() == read_tokens(tmp_path / "s", "val")[:-1].tolist()
 
 
 def test_token_windows_from_shards(tmp_path):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -242,11 +243,12 @@ def test_short_corpus_errors_and_missing_val(tmp_path):
     tiny = write_shards(tmp_path / "c1", {"s": 8})  # ~10 tokens: no window of 17
     with pytest.raises(ValueError, match=r"train split has \d+ tokens, shorter than context_length\+1 = 17"):
         run_pretrain(tiny_cfg(), tiny, tmp_path / "o1", progress=False)
-    no_val = write_shards(tmp_path / "c2", {"s": 120})  # val = last 10% of characters: < 17 tokens
-    with pytest.warns(UserWarning, match="validation skipped: the val split has 16 tokens"):
-        res = run_pretrain(tiny_cfg(epochs=5, max_steps=3), no_val, tmp_path / "o2", progress=False)
-    assert res.params["val"].startswith("skipped: the val split has")
-    assert "val_loss" not in res.metrics and res.metrics["steps"] == 3
+    short_val = write_shards(tmp_path / "c2", {"s": 120})  # val = last 10% of characters: 16 < 17 tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # not skipped: scored as one window of 15 targets
+        res = run_pretrain(tiny_cfg(epochs=5, max_steps=3), short_val, tmp_path / "o2", progress=False)
+    assert "val" not in res.params and res.params["val_windows"] == 1
+    assert res.metrics["val_loss"] > 0 and res.metrics["steps"] == 3
 
 
 def test_resume_refuses_a_different_model(shards, tmp_path):

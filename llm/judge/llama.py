@@ -18,7 +18,9 @@ bind, so the port is tried again (3 times) instead of talking to whoever holds i
 """
 from __future__ import annotations
 
+import ctypes
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +32,7 @@ import httpx
 
 from llm.judge.base import JudgeError, Verdict
 from llm.judge.prepare import GGUF_SHA256, INSTALL_HINT, JUDGE_NAME, JudgeNotInstalled, ensure_gguf, llama_server_binary
-from llm.judge.prompts import Protocol
+from llm.judge.prompts import Protocol, get_protocol
 from llm.judge.remote import RemoteJudge
 
 
@@ -43,9 +45,6 @@ def _free_port() -> int:
 def _die_with_parent() -> None:
     """In the child (Linux): SIGTERM when the process that started it dies, so no server is left behind."""
     try:
-        import ctypes
-        import signal
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except Exception:
         pass
@@ -127,8 +126,6 @@ class LlamaServerJudge(RemoteJudge):
 
 
 if __name__ == "__main__":
-    from llm.judge.prompts import get_protocol
-
     j = LlamaServerJudge(threads=2)
     try:
         print(j.judge(get_protocol("reference"), {"instruction": "What is 2+2?", "input": "", "output": "4."}, "4"))

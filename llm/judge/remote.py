@@ -48,7 +48,7 @@ import httpx
 
 from llm.judge.base import Judge, JudgeError, JudgeFatal, Verdict
 from llm.judge.parse import INTEGER_GRAMMAR, SCORE_SCHEMA, is_no, is_yes, parse_score, parse_yesno, yesno_score
-from llm.judge.prompts import Protocol
+from llm.judge.prompts import Protocol, get_protocol
 
 _warned: set[str] = set()
 _warn_lock = threading.Lock()
@@ -333,8 +333,6 @@ def _yesno_from(payload: dict) -> tuple[Optional[float], str]:
 
 
 if __name__ == "__main__":
-    from llm.judge.prompts import get_protocol
-
     if len(sys.argv) < 3:
         sys.exit("usage: python -m llm.judge.remote URL MODEL [PROMPT]")
     sample = {"instruction": "What is the capital of France?", "input": "", "output": "Paris."}

@@ -40,12 +40,17 @@ from pathlib import Path
 from typing import Optional
 
 import pandas as pd
+from tqdm import tqdm
 
-from llm.config import JudgeConfig
-from llm.fsutil import save_figure
+from llm.config import JudgeConfig, parse_overrides
+from llm.fsutil import atomic_write_via, save_figure
 from llm.judge.base import Judge, JudgeError, JudgeFatal, Verdict
 from llm.judge.cache import JudgeCache
+from llm.judge.llama import LlamaServerJudge
+from llm.judge.local import LocalJudge  # cheap: it imports torch/transformers only when the model loads
+from llm.judge.prepare import resolve_backend
 from llm.judge.prompts import Protocol, get_protocol
+from llm.judge.remote import OllamaJudge, RemoteJudge, ollama_root
 from llm.records import read_records
 from llm.result import MetricLogger, StageResult, log_or_null
 
@@ -162,31 +167,21 @@ def make_judge(cfg: JudgeConfig, log_dir: Optional[Path] = None) -> Judge:
     """cfg.url: a RemoteJudge; else the embedded model, in this process (backend auto / transformers)
     or through llama.cpp's llama-server (backend llama-server). Nothing is loaded or started yet."""
     if cfg.url and cfg.prompt == "book":
-        from llm.judge.remote import OllamaJudge, ollama_root
-
         root = ollama_root(cfg.url, cfg.timeout)  # bounded by judge.timeout (at most 5 s)
         if root is not None:  # the book's own client: native /api/chat, the book's options, no constraint
             return OllamaJudge(root, cfg.model or "", api_key=_api_key(cfg), seed=cfg.seed,
                                temperature=cfg.temperature, timeout=cfg.timeout, retries=cfg.retries,
                                backoff=cfg.backoff)
     if cfg.url:
-        from llm.judge.remote import RemoteJudge
-
         return RemoteJudge(cfg.url, cfg.model or "", api_key=_api_key(cfg), temperature=cfg.temperature,
                            seed=cfg.seed, max_tokens=cfg.max_tokens,
                            constrain="json_schema" if cfg.constrain == "auto" else cfg.constrain,
                            timeout=cfg.timeout, retries=cfg.retries, backoff=cfg.backoff)
-    from llm.judge.prepare import resolve_backend
-
     if resolve_backend(cfg.backend) == "llama-server":
-        from llm.judge.llama import LlamaServerJudge
-
         return LlamaServerJudge(threads=cfg.threads, log_file=(log_dir / "llama_server.log") if log_dir else None,
                                 temperature=cfg.temperature, seed=cfg.seed, timeout=cfg.timeout,
                                 retries=cfg.retries, backoff=cfg.backoff,
                                 constrain="grammar" if cfg.constrain == "auto" else cfg.constrain)
-    from llm.judge.local import LocalJudge
-
     return LocalJudge(threads=cfg.threads)
 
 
@@ -235,10 +230,8 @@ def plot_histogram(df: pd.DataFrame, path: Path, title: str) -> Path:
 
 def _write_table(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
     pq, csv = out_dir / "scores.parquet", out_dir / "scores.csv"
-    for dest, write in ((pq, lambda p: df.to_parquet(p, index=False)), (csv, lambda p: df.to_csv(p, index=False))):
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        write(tmp)
-        os.replace(tmp, dest)
+    atomic_write_via(pq, lambda p: df.to_parquet(p, index=False))
+    atomic_write_via(csv, lambda p: df.to_csv(p, index=False))
     return pq, csv
 
 
@@ -254,8 +247,6 @@ def score_items(judge: Judge, protocol: Protocol, items: list[tuple], cache: Jud
                 log: Optional[MetricLogger] = None) -> list[tuple[Verdict, bool, float]]:
     """(verdict, cached, seconds) per item, in order. An item whose judge call fails is unscored; after
     max_errors failures in a row (or a JudgeFatal) a JudgeError with the counts is raised."""
-    from tqdm import tqdm  # lazy: progress bars only where scoring runs
-
     log = log_or_null(log)
     results: list = [None] * len(items)
     stop = threading.Event()
@@ -393,8 +384,6 @@ def run_judge(cfg: JudgeConfig, responses: Path, out_dir: Path, cache_path: Opti
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from llm.config import parse_overrides
-
     ap = argparse.ArgumentParser(prog="python -m llm.judge", description=__doc__.split("\n\n")[0])
     ap.add_argument("--responses", required=True, help="responses.parquet / .json / .jsonl")
     ap.add_argument("--out", required=True, help="output folder")
