@@ -203,8 +203,6 @@ def section_for_key(stage: str, cfg: PipelineConfig, sources: list[str]) -> dict
     section = cfg.section(stage).model_dump(mode="json")
     if stage == "download":  # where files come from does not change what they are (sha256 pinned)
         section = {"sources": sources, "accept_changed": section["accept_changed"]}  # + pinned entries (inputs)
-    if stage == "pretrain":
-        section.pop("threads", None)  # the thread count changes the weights at most in the last bits
     if stage == "shard":
         section.pop("workers", None)  # how many tokenize does not change the shards at all
     return section

@@ -236,6 +236,21 @@ def test_code_keys_follow_the_real_import_closure(tmp_path):
     assert changed_after_editing("judge/remote.py") == {"judge"}  # a subpackage's module, loaded lazily
 
 
+def test_thread_counts_are_in_every_training_stage_key():
+    # threads: 0 means this process's CPU affinity (llm.procenv.allowed_cores), never the load, so one
+    # count reproduces its bits; two counts differ in the last bits, so a count set by hand is part of the
+    # key of every training stage (as written: 0 stays 0), and data stages' worker counts are not
+    from flows.cache import section_for_key
+    from llm.config import load_config
+
+    one, two = load_config("tiny", overrides=["pretrain.threads=1"]), load_config("tiny", overrides=["pretrain.threads=2"])
+    assert section_for_key("pretrain", one, [])["threads"] == 1
+    assert section_for_key("pretrain", two, [])["threads"] == 2
+    for stage in ("spam", "instruct", "dpo"):
+        assert section_for_key(stage, one, [])["threads"] == 0
+    assert "workers" not in section_for_key("shard", load_config("tiny", overrides=["shard.workers=3"]), [])
+
+
 def test_edited_module_stales_evaluate_but_not_shard_end_to_end(baseline, tmp_path):
     """`llmpipe stages` run from a copy of the code, before and after editing llm/evaluate.py there."""
     wd, _ = copy_of(baseline, tmp_path)
