@@ -47,15 +47,7 @@ def ran(summary) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def baseline(prefect_server, tmp_path_factory):
+def baseline(prefect_harness, tmp_path_factory):
     """A workdir with download..evaluate finished once; tests work on copies of it."""
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     wd = write_fixture_workdir(tmp_path_factory.mktemp("baseline"))
@@ -259,7 +251,7 @@ def test_edited_module_stales_evaluate_but_not_shard_end_to_end(baseline, tmp_pa
 
 # --- per-source downloads ----------------------------------------------------------------------------------------
 
-def test_run_spam_after_download_clean_shard_fetches_nothing(prefect_server, tmp_path):
+def test_run_spam_after_download_clean_shard_fetches_nothing(prefect_harness, tmp_path):
     wd = write_fixture_workdir(tmp_path)
     first = run(wd, ["download", "clean", "shard"])
     assert first["stages"]["download"]["metrics"]["files_downloaded"] == 5  # every source the preset uses

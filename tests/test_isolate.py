@@ -47,9 +47,7 @@ FINETUNES = ["pretrain.threads=1", "spam.threads=1", "instruct.threads=1", "inst
              "instruct.max_steps=3"]
 
 
-def test_concurrent_finetunes_match_one_after_the_other(tmp_path, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_concurrent_finetunes_match_one_after_the_other(prefect_harness, tmp_path, monkeypatch):
     from flows.pipeline import pipeline
     from flows.tracking import Tracker
     from tests.test_pipeline import TEST_OVERRIDES, write_fixture_workdir
@@ -57,13 +55,12 @@ def test_concurrent_finetunes_match_one_after_the_other(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     wd_seq, wd_con = write_fixture_workdir(tmp_path / "seq"), write_fixture_workdir(tmp_path / "con")
     base = TEST_OVERRIDES + FINETUNES
-    with prefect_test_harness(server_startup_timeout=120):
-        seq = pipeline(stages=["spam", "instruct"], preset="tiny", workdir=str(wd_seq), progress=False,
-                       overrides=base + ["orchestration.concurrent_finetunes=false"])
-        con = pipeline(stages=["spam", "instruct"], preset="tiny", workdir=str(wd_con), progress=False,
-                       overrides=base + ["orchestration.concurrent_finetunes=true"])
-        again = pipeline(stages=["spam", "instruct"], preset="tiny", workdir=str(wd_con), progress=False,
-                         overrides=base + ["orchestration.concurrent_finetunes=true"])
+    seq = pipeline(stages=["spam", "instruct"], preset="tiny", workdir=str(wd_seq), progress=False,
+                   overrides=base + ["orchestration.concurrent_finetunes=false"])
+    con = pipeline(stages=["spam", "instruct"], preset="tiny", workdir=str(wd_con), progress=False,
+                   overrides=base + ["orchestration.concurrent_finetunes=true"])
+    again = pipeline(stages=["spam", "instruct"], preset="tiny", workdir=str(wd_con), progress=False,
+                     overrides=base + ["orchestration.concurrent_finetunes=true"])
     for stage in ("spam", "instruct"):
         assert con["stages"][stage]["cache_key"] == seq["stages"][stage]["cache_key"]
         a, b = _tree(Path(seq["stages"][stage]["artifact_dir"])), _tree(Path(con["stages"][stage]["artifact_dir"]))
