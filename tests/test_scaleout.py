@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import random
+import time
+from multiprocessing import resource_tracker
 from pathlib import Path
 
+import psutil
 import pytest
 
 from llm.clean import run_clean
@@ -118,46 +121,39 @@ def test_unreachable_scheduler_is_one_clear_error():
     runner.close()
 
 
-def test_threads_runner_starts_nothing():
+def _started_here() -> tuple[set, set]:
+    """This process's descendant processes and listening sockets (what a started cluster adds)."""
+    resource_tracker.ensure_running()  # multiprocessing's helper, started once per interpreter and kept: not a cluster
+    me = psutil.Process()
+    children = {(c.pid, c.create_time()) for c in me.children(recursive=True)}
+    listening = {c.laddr for c in me.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    return children, listening
+
+
+def test_threads_runner_and_an_unused_dask_runner_start_nothing():
     from flows import scaleout
 
+    before = _started_here()
     with scaleout.DataRunner(OrchestrationConfig()) as runner:
         assert runner.executor() == (None, 0)
+        assert _started_here() == before
+    # with dask configured, nothing starts until a data stage asks for the executor (a cached run)
+    with scaleout.DataRunner(OrchestrationConfig(task_runner="dask", dask_workers=1)):
+        assert _started_here() == before
+    assert _started_here() == before
 
 
-def test_orchestration_is_not_part_of_the_results_hash():
-    a = load_config("tiny")
-    b = load_config("tiny", overrides=["orchestration.task_runner=dask", "orchestration.dask_workers=3"])
-    assert a.config_hash() == b.config_hash()
-    assert a.config_hash() != load_config("tiny", overrides=["shard.val_fraction=0.2"]).config_hash()
+def test_a_dask_runner_that_is_used_starts_a_cluster_and_stops_it():
+    """The measurement above can fail: the first executor() call starts worker processes, close() ends them."""
+    from flows import scaleout
 
-
-def test_pipeline_on_a_dask_scheduler_matches_threads(tmp_path, monkeypatch, cluster):
-    """The flow pointed at a running scheduler (as for a remote cluster): same keys, same bytes;
-    the MLflow runs record the runner."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.pipeline import pipeline
-    from flows.tracking import Tracker
-    from tests.test_pipeline import TEST_OVERRIDES, write_fixture_workdir
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    wd_threads = write_fixture_workdir(tmp_path / "t")
-    wd_dask = write_fixture_workdir(tmp_path / "d")
-    with prefect_test_harness(server_startup_timeout=120):
-        plain = pipeline(stages=["shard"], preset="tiny", overrides=TEST_OVERRIDES, workdir=str(wd_threads),
-                         progress=False)
-        dask = pipeline(stages=["shard"], preset="tiny", workdir=str(wd_dask), progress=False,
-                        overrides=TEST_OVERRIDES + ["orchestration.task_runner=dask",
-                                                    f"orchestration.dask_address={cluster.scheduler_address}"])
-    for stage in ("clean", "shard"):
-        assert not dask["stages"][stage]["cached"]
-        assert dask["stages"][stage]["cache_key"] == plain["stages"][stage]["cache_key"]
-    docs = [Path(r["stages"]["clean"]["artifact_dir"]) / "documents.parquet" for r in (plain, dask)]
-    assert docs[0].read_bytes() == docs[1].read_bytes()
-    shards = [_files(Path(r["stages"]["shard"]["artifact_dir"])) for r in (plain, dask)]
-    assert shards[0] == shards[1] and "manifest.json" in shards[0]
-    tr = Tracker(wd_dask)
-    assert tr.client.get_run(dask["pipeline_run_id"]).data.params["task_runner"] == "dask"
-    assert tr.client.get_run(dask["stages"]["shard"]["run_id"]).data.tags["task_runner"] == "dask"
-    assert "task_runner" not in tr.client.get_run(dask["stages"]["download"]["run_id"]).data.tags
+    before_children, before_ports = _started_here()
+    with scaleout.DataRunner(OrchestrationConfig(task_runner="dask", dask_workers=1)) as runner:
+        executor, slots = runner.executor()
+        assert slots == 1 and executor is not None
+        children, ports = _started_here()
+        assert children - before_children and ports - before_ports
+    deadline = time.monotonic() + 60
+    while _started_here()[0] - before_children and time.monotonic() < deadline:  # workers exit after close()
+        time.sleep(0.5)
+    assert _started_here() == (before_children, before_ports)
