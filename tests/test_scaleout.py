@@ -130,30 +130,36 @@ def _started_here() -> tuple[set, set]:
     return children, listening
 
 
+def _new_since(before: tuple[set, set]) -> tuple[set, set]:
+    """Processes and listening sockets that were not there before (ones that ended meanwhile don't count)."""
+    children, listening = _started_here()
+    return children - before[0], listening - before[1]
+
+
 def test_threads_runner_and_an_unused_dask_runner_start_nothing():
     from flows import scaleout
 
     before = _started_here()
     with scaleout.DataRunner(OrchestrationConfig()) as runner:
         assert runner.executor() == (None, 0)
-        assert _started_here() == before
+        assert _new_since(before) == (set(), set())
     # with dask configured, nothing starts until a data stage asks for the executor (a cached run)
     with scaleout.DataRunner(OrchestrationConfig(task_runner="dask", dask_workers=1)):
-        assert _started_here() == before
-    assert _started_here() == before
+        assert _new_since(before) == (set(), set())
+    assert _new_since(before) == (set(), set())
 
 
 def test_a_dask_runner_that_is_used_starts_a_cluster_and_stops_it():
     """The measurement above can fail: the first executor() call starts worker processes, close() ends them."""
     from flows import scaleout
 
-    before_children, before_ports = _started_here()
+    before = _started_here()
     with scaleout.DataRunner(OrchestrationConfig(task_runner="dask", dask_workers=1)) as runner:
         executor, slots = runner.executor()
         assert slots == 1 and executor is not None
-        children, ports = _started_here()
-        assert children - before_children and ports - before_ports
+        children, ports = _new_since(before)
+        assert children and ports
     deadline = time.monotonic() + 60
-    while _started_here()[0] - before_children and time.monotonic() < deadline:  # workers exit after close()
+    while _new_since(before)[0] and time.monotonic() < deadline:  # the worker process exits after close()
         time.sleep(0.5)
-    assert _started_here() == (before_children, before_ports)
+    assert _new_since(before) == (set(), set())
