@@ -47,6 +47,7 @@ FINETUNES = ["pretrain.threads=1", "spam.threads=1", "instruct.threads=1", "inst
              "instruct.max_steps=3"]
 
 
+@pytest.mark.slow
 def test_concurrent_finetunes_match_one_after_the_other(prefect_harness, tmp_path, monkeypatch):
     from flows.pipeline import pipeline
     from flows.tracking import Tracker

@@ -157,6 +157,7 @@ def test_stage_error_names_the_source_and_leaves_no_partial_output(prefect_harne
     assert not (workdir / "data" / "raw" / "a.txt").exists()
 
 
+@pytest.mark.slow
 def test_which_stages_run_for_three_edits(prefect_harness, workdir):
     """spam.lr re-runs only spam; a clean edit re-runs what its changed output feeds;
     byte-identical shards (shard forced) leave pretrain cached."""
@@ -175,6 +176,7 @@ def test_which_stages_run_for_three_edits(prefect_harness, workdir):
     assert forced["stages"]["pretrain"]["artifact_dir"] == edited["stages"]["pretrain"]["artifact_dir"]
 
 
+@pytest.mark.slow
 def test_dpo_stage_after_instruct_cached_and_keyed(prefect_harness, workdir):
     """The dpo stage: its plan (instruct's model + the preference source), the reward margin rising from 0
     (policy == reference at step 0), a fully cached second run, and a dpo setting re-running dpo alone."""

@@ -277,6 +277,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_source_changed_event_runs_the_triggered_deployment(api, tmp_path):
     """emit llmpipe.source.changed -> the automation creates a run of llmpipe/download -> `serve` runs it."""
     from prefect import get_client

@@ -25,6 +25,7 @@ def test_split_values_keeps_brackets_and_quotes():
     assert split_values('[a, b],[c],"x,y"') == ["[a, b]", "[c]", '"x,y"']
 
 
+@pytest.mark.slow
 def test_sweep_of_three_spam_lrs_shares_pretrain(prefect_harness, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from flows.sweep import parse_grid, run_sweep
@@ -65,6 +66,7 @@ def test_sweep_of_three_spam_lrs_shares_pretrain(prefect_harness, tmp_path, monk
     assert len(names) == 3 and all("spam.lr=" in n for n in names)
 
 
+@pytest.mark.slow
 def test_parallel_sweep_gives_the_sequential_results(prefect_harness, tmp_path, monkeypatch):
     """--parallel 2 (each variant its own `llmpipe run` process) vs one after the other, in two workdirs."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -18,6 +18,8 @@ import pytest
 from tests.test_pipeline import TEST_OVERRIDES, write_fixture_workdir
 
 ROOT = Path(__file__).resolve().parent.parent
+# every test reads the two pipeline runs of the `runs` fixture (about a minute on 2 cores)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
