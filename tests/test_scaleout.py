@@ -3,6 +3,8 @@
 A real `distributed.LocalCluster` of two worker processes runs the per-file clean steps and the
 tokenizer work units; the outputs are compared byte for byte with the default (threads) path,
 for the llm/ functions and for the pipeline flow pointed at the cluster's scheduler address.
+The threads runner, and a dask runner no stage asked for, start no process and open no port
+(checked on this process's tree and sockets; a used dask runner is the control).
 
     python -m pytest -q tests/test_scaleout.py
 """
