@@ -123,6 +123,41 @@ def test_unreachable_scheduler_is_one_clear_error():
     runner.close()
 
 
+def test_orchestration_is_not_part_of_the_results_hash():
+    a = load_config("tiny")
+    b = load_config("tiny", overrides=["orchestration.task_runner=dask", "orchestration.dask_workers=3"])
+    assert a.config_hash() == b.config_hash()
+    assert a.config_hash() != load_config("tiny", overrides=["shard.val_fraction=0.2"]).config_hash()
+
+
+def test_pipeline_on_a_dask_scheduler_matches_threads(prefect_harness, tmp_path, monkeypatch, cluster):
+    """The flow pointed at a running scheduler (as for a remote cluster): same keys, same bytes;
+    the MLflow runs record the runner."""
+    from flows.pipeline import pipeline
+    from flows.tracking import Tracker
+    from tests.test_pipeline import TEST_OVERRIDES, write_fixture_workdir
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    wd_threads = write_fixture_workdir(tmp_path / "t")
+    wd_dask = write_fixture_workdir(tmp_path / "d")
+    plain = pipeline(stages=["shard"], preset="tiny", overrides=TEST_OVERRIDES, workdir=str(wd_threads),
+                     progress=False)
+    dask = pipeline(stages=["shard"], preset="tiny", workdir=str(wd_dask), progress=False,
+                    overrides=TEST_OVERRIDES + ["orchestration.task_runner=dask",
+                                                f"orchestration.dask_address={cluster.scheduler_address}"])
+    for stage in ("clean", "shard"):
+        assert not dask["stages"][stage]["cached"]
+        assert dask["stages"][stage]["cache_key"] == plain["stages"][stage]["cache_key"]
+    docs = [Path(r["stages"]["clean"]["artifact_dir"]) / "documents.parquet" for r in (plain, dask)]
+    assert docs[0].read_bytes() == docs[1].read_bytes()
+    shards = [_files(Path(r["stages"]["shard"]["artifact_dir"])) for r in (plain, dask)]
+    assert shards[0] == shards[1] and "manifest.json" in shards[0]
+    tr = Tracker(wd_dask)
+    assert tr.client.get_run(dask["pipeline_run_id"]).data.params["task_runner"] == "dask"
+    assert tr.client.get_run(dask["stages"]["shard"]["run_id"]).data.tags["task_runner"] == "dask"
+    assert "task_runner" not in tr.client.get_run(dask["stages"]["download"]["run_id"]).data.tags
+
+
 def _started_here() -> tuple[set, set]:
     """This process's descendant processes and listening sockets (what a started cluster adds)."""
     resource_tracker.ensure_running()  # multiprocessing's helper, started once per interpreter and kept: not a cluster
