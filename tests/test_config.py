@@ -5,17 +5,33 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
-from llm.config import ConfigError, PipelineConfig, list_presets, load_config, parse_override
+from llm.config import PRESET_DIR, ConfigError, list_presets, load_config, parse_override
 
 
-def test_every_shipped_preset_loads():
-    names = list_presets()
-    assert {"tiny", "verdict", "gutenberg"} <= set(names)
-    for name in names:
+def _leaves(data: dict, prefix: tuple = ()):
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def test_every_shipped_preset_loads_what_its_file_says():
+    assert list_presets() == ["dpo", "gpt2", "gutenberg", "instruct", "instruct-book", "spam", "spam-book", "tiny",
+                              "verdict"]
+    for name in list_presets():
         cfg = load_config(name)
-        assert isinstance(cfg, PipelineConfig)
         assert cfg.preset == name
+        dumped = cfg.model_dump(mode="json")  # YAML has lists where the config keeps tuples
+        written = list(_leaves(yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())))
+        assert written, name
+        for path, value in written:
+            got = dumped
+            for key in path:
+                got = got[key]
+            assert got == value, f"{name}: {'.'.join(path)}"
 
 
 def test_verdict_preset_is_the_books_chapter_5_run():

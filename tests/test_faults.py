@@ -46,16 +46,9 @@ def ran(summary) -> list[str]:
     return [s for s, info in summary["stages"].items() if not info["cached"]]
 
 
+# the tests that use it are marked slow: a real download..evaluate run (about 30 s on 2 cores)
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def baseline(prefect_server, tmp_path_factory):
+def baseline(prefect_harness, tmp_path_factory):
     """A workdir with download..evaluate finished once; tests work on copies of it."""
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     wd = write_fixture_workdir(tmp_path_factory.mktemp("baseline"))
@@ -99,6 +92,7 @@ def truncate(p: Path) -> None:
 
 # --- corruption -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_flipped_raw_download_is_fetched_again_before_clean_reads_it(baseline, tmp_path):
     wd, base = copy_of(baseline, tmp_path)
     raw = wd / "data" / "raw" / "a.txt"
@@ -110,6 +104,7 @@ def test_flipped_raw_download_is_fetched_again_before_clean_reads_it(baseline, t
     assert again["stages"]["clean"]["metrics"]["documents_out"] == base["stages"]["clean"]["metrics"]["documents_out"]
 
 
+@pytest.mark.slow
 def test_truncated_raw_download_makes_download_stale_and_refetches(baseline, tmp_path):
     wd, _ = copy_of(baseline, tmp_path)
     raw = wd / "data" / "raw" / "b.txt"
@@ -125,6 +120,7 @@ def test_truncated_raw_download_makes_download_stale_and_refetches(baseline, tmp
     assert sha(raw) == good
 
 
+@pytest.mark.slow
 def test_flipped_documents_are_rebuilt_before_shard_reads_them(baseline, tmp_path):
     wd, base = copy_of(baseline, tmp_path)
     docs = path_in(wd, base, "clean", "documents.parquet")
@@ -142,6 +138,7 @@ def test_flipped_documents_are_rebuilt_before_shard_reads_them(baseline, tmp_pat
     assert sha(docs) == good
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_rebuilt(baseline, tmp_path):
     wd, base = copy_of(baseline, tmp_path)
     shard_dir = path_in(wd, base, "shard", "")
@@ -154,6 +151,7 @@ def test_truncated_shard_is_rebuilt(baseline, tmp_path):
 
 
 @pytest.mark.parametrize("damage", [flip_bytes, truncate], ids=["flipped", "truncated"])
+@pytest.mark.slow
 def test_damaged_weights_are_never_evaluated(baseline, tmp_path, damage):
     wd, base = copy_of(baseline, tmp_path)
     weights = path_in(wd, base, "pretrain", "model/model.safetensors")
@@ -165,6 +163,7 @@ def test_damaged_weights_are_never_evaluated(baseline, tmp_path, damage):
         base["stages"]["evaluate"]["metrics"]["val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_generate_refuses_damaged_weights_with_one_line(baseline, tmp_path):
     wd, base = copy_of(baseline, tmp_path)
     model = path_in(wd, base, "pretrain", "model")
@@ -176,6 +175,7 @@ def test_generate_refuses_damaged_weights_with_one_line(baseline, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"llmpipe: error: {model / 'model.safetensors'}: sha256"), lines
 
 
+@pytest.mark.slow
 def test_partial_folders_do_not_pile_up(baseline, tmp_path):
     """A finished stage removes its other keys' .partial folders; a failed non-resumable stage leaves none."""
     wd, base = copy_of(baseline, tmp_path)
@@ -192,6 +192,7 @@ def test_partial_folders_do_not_pile_up(baseline, tmp_path):
 
 # --- copy and move ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_copied_then_moved_workdir_keeps_its_cache(baseline, tmp_path):
     wd, base = copy_of(baseline, tmp_path)
     again = run(wd, ["evaluate"])
@@ -251,6 +252,7 @@ def test_thread_counts_are_in_every_training_stage_key():
     assert "workers" not in section_for_key("shard", load_config("tiny", overrides=["shard.workers=3"]), [])
 
 
+@pytest.mark.slow
 def test_edited_module_stales_evaluate_but_not_shard_end_to_end(baseline, tmp_path):
     """`llmpipe stages` run from a copy of the code, before and after editing llm/evaluate.py there."""
     wd, _ = copy_of(baseline, tmp_path)
@@ -274,7 +276,7 @@ def test_edited_module_stales_evaluate_but_not_shard_end_to_end(baseline, tmp_pa
 
 # --- per-source downloads ----------------------------------------------------------------------------------------
 
-def test_run_spam_after_download_clean_shard_fetches_nothing(prefect_server, tmp_path):
+def test_run_spam_after_download_clean_shard_fetches_nothing(prefect_harness, tmp_path):
     wd = write_fixture_workdir(tmp_path)
     first = run(wd, ["download", "clean", "shard"])
     assert first["stages"]["download"]["metrics"]["files_downloaded"] == 5  # every source the preset uses
@@ -302,6 +304,7 @@ def _session_members(sid: int) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_process_and_marks_the_runs_killed(tmp_path):
     from flows.tracking import Tracker
 

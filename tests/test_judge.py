@@ -552,6 +552,7 @@ needs_judge = pytest.mark.skipif(not _OK, reason=f"embedded judge not installed 
 
 
 @needs_judge
+@pytest.mark.slow
 def test_embedded_judge_in_process_three_items(tmp_path, capfd):
     """The real judge, loaded in this process: one record's model response, its reference, a wrong answer
     and an empty one; then a cached re-run asks nothing."""

@@ -1,6 +1,6 @@
 """The pipeline flow end to end on fixtures it writes itself: caching, single-stage re-runs, MLflow runs.
 
-Runs the real Prefect flow (against a temporary Prefect server from prefect_test_harness) with a
+Runs the real Prefect flow (against the session's temporary Prefect server, conftest's prefect_harness) with a
 real SQLite MLflow store in a temporary workdir whose data/sources.yaml points at small local files.
 
     python -m pytest -q tests/test_pipeline.py
@@ -73,14 +73,6 @@ TEST_OVERRIDES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture()
 def workdir(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -98,7 +90,7 @@ def ran(summary) -> list[str]:
     return [s for s, info in summary["stages"].items() if not info["cached"]]
 
 
-def test_data_stages_cache_rerun_and_force(prefect_server, workdir):
+def test_data_stages_cache_rerun_and_force(prefect_harness, workdir):
     first = run(workdir, ["shard"])
     assert list(first["stages"]) == ["download", "clean", "shard"]
     assert ran(first) == ["download", "clean", "shard"]
@@ -131,7 +123,7 @@ def test_data_stages_cache_rerun_and_force(prefect_server, workdir):
     assert not list(shard_dir.parent.glob("*.partial"))
 
 
-def test_mlflow_parent_and_child_runs(prefect_server, workdir):
+def test_mlflow_parent_and_child_runs(prefect_harness, workdir):
     from flows.tracking import Tracker
 
     first = run(workdir, ["clean"])
@@ -158,14 +150,15 @@ def test_mlflow_parent_and_child_runs(prefect_server, workdir):
     assert by_stage["clean"].data.metrics["documents_out"] == 2
 
 
-def test_stage_error_names_the_source_and_leaves_no_partial_output(prefect_server, workdir):
+def test_stage_error_names_the_source_and_leaves_no_partial_output(prefect_harness, workdir):
     (workdir.parent / "upstream" / "a.txt").write_text("changed upstream bytes\n")
     with pytest.raises(Exception, match=r"text_a.*sha256|sha256.*text_a"):
         run(workdir, ["download"])
     assert not (workdir / "data" / "raw" / "a.txt").exists()
 
 
-def test_which_stages_run_for_three_edits(prefect_server, workdir):
+@pytest.mark.slow
+def test_which_stages_run_for_three_edits(prefect_harness, workdir):
     """spam.lr re-runs only spam; a clean edit re-runs what its changed output feeds;
     byte-identical shards (shard forced) leave pretrain cached."""
     first = run(workdir, ["evaluate", "spam"])
@@ -183,7 +176,8 @@ def test_which_stages_run_for_three_edits(prefect_server, workdir):
     assert forced["stages"]["pretrain"]["artifact_dir"] == edited["stages"]["pretrain"]["artifact_dir"]
 
 
-def test_dpo_stage_after_instruct_cached_and_keyed(prefect_server, workdir):
+@pytest.mark.slow
+def test_dpo_stage_after_instruct_cached_and_keyed(prefect_harness, workdir):
     """The dpo stage: its plan (instruct's model + the preference source), the reward margin rising from 0
     (policy == reference at step 0), a fully cached second run, and a dpo setting re-running dpo alone."""
     from flows.stages import plan

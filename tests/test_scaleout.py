@@ -3,6 +3,8 @@
 A real `distributed.LocalCluster` of two worker processes runs the per-file clean steps and the
 tokenizer work units; the outputs are compared byte for byte with the default (threads) path,
 for the llm/ functions and for the pipeline flow pointed at the cluster's scheduler address.
+The threads runner, and a dask runner no stage asked for, start no process and open no port
+(checked on this process's tree and sockets; a used dask runner is the control).
 
     python -m pytest -q tests/test_scaleout.py
 """
@@ -10,8 +12,11 @@ from __future__ import annotations
 
 import json
 import random
+import time
+from multiprocessing import resource_tracker
 from pathlib import Path
 
+import psutil
 import pytest
 
 from llm.clean import run_clean
@@ -118,13 +123,6 @@ def test_unreachable_scheduler_is_one_clear_error():
     runner.close()
 
 
-def test_threads_runner_starts_nothing():
-    from flows import scaleout
-
-    with scaleout.DataRunner(OrchestrationConfig()) as runner:
-        assert runner.executor() == (None, 0)
-
-
 def test_orchestration_is_not_part_of_the_results_hash():
     a = load_config("tiny")
     b = load_config("tiny", overrides=["orchestration.task_runner=dask", "orchestration.dask_workers=3"])
@@ -132,11 +130,9 @@ def test_orchestration_is_not_part_of_the_results_hash():
     assert a.config_hash() != load_config("tiny", overrides=["shard.val_fraction=0.2"]).config_hash()
 
 
-def test_pipeline_on_a_dask_scheduler_matches_threads(tmp_path, monkeypatch, cluster):
+def test_pipeline_on_a_dask_scheduler_matches_threads(prefect_harness, tmp_path, monkeypatch, cluster):
     """The flow pointed at a running scheduler (as for a remote cluster): same keys, same bytes;
     the MLflow runs record the runner."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.pipeline import pipeline
     from flows.tracking import Tracker
     from tests.test_pipeline import TEST_OVERRIDES, write_fixture_workdir
@@ -144,12 +140,11 @@ def test_pipeline_on_a_dask_scheduler_matches_threads(tmp_path, monkeypatch, clu
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     wd_threads = write_fixture_workdir(tmp_path / "t")
     wd_dask = write_fixture_workdir(tmp_path / "d")
-    with prefect_test_harness(server_startup_timeout=120):
-        plain = pipeline(stages=["shard"], preset="tiny", overrides=TEST_OVERRIDES, workdir=str(wd_threads),
-                         progress=False)
-        dask = pipeline(stages=["shard"], preset="tiny", workdir=str(wd_dask), progress=False,
-                        overrides=TEST_OVERRIDES + ["orchestration.task_runner=dask",
-                                                    f"orchestration.dask_address={cluster.scheduler_address}"])
+    plain = pipeline(stages=["shard"], preset="tiny", overrides=TEST_OVERRIDES, workdir=str(wd_threads),
+                     progress=False)
+    dask = pipeline(stages=["shard"], preset="tiny", workdir=str(wd_dask), progress=False,
+                    overrides=TEST_OVERRIDES + ["orchestration.task_runner=dask",
+                                                f"orchestration.dask_address={cluster.scheduler_address}"])
     for stage in ("clean", "shard"):
         assert not dask["stages"][stage]["cached"]
         assert dask["stages"][stage]["cache_key"] == plain["stages"][stage]["cache_key"]
@@ -161,3 +156,47 @@ def test_pipeline_on_a_dask_scheduler_matches_threads(tmp_path, monkeypatch, clu
     assert tr.client.get_run(dask["pipeline_run_id"]).data.params["task_runner"] == "dask"
     assert tr.client.get_run(dask["stages"]["shard"]["run_id"]).data.tags["task_runner"] == "dask"
     assert "task_runner" not in tr.client.get_run(dask["stages"]["download"]["run_id"]).data.tags
+
+
+def _started_here() -> tuple[set, set]:
+    """This process's descendant processes and listening sockets (what a started cluster adds)."""
+    resource_tracker.ensure_running()  # multiprocessing's helper, started once per interpreter and kept: not a cluster
+    me = psutil.Process()
+    children = {(c.pid, c.create_time()) for c in me.children(recursive=True)}
+    listening = {c.laddr for c in me.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    return children, listening
+
+
+def _new_since(before: tuple[set, set]) -> tuple[set, set]:
+    """Processes and listening sockets that were not there before (ones that ended meanwhile don't count)."""
+    children, listening = _started_here()
+    return children - before[0], listening - before[1]
+
+
+def test_threads_runner_and_an_unused_dask_runner_start_nothing():
+    from flows import scaleout
+
+    before = _started_here()
+    with scaleout.DataRunner(OrchestrationConfig()) as runner:
+        assert runner.executor() == (None, 0)
+        assert _new_since(before) == (set(), set())
+    # with dask configured, nothing starts until a data stage asks for the executor (a cached run)
+    with scaleout.DataRunner(OrchestrationConfig(task_runner="dask", dask_workers=1)):
+        assert _new_since(before) == (set(), set())
+    assert _new_since(before) == (set(), set())
+
+
+def test_a_dask_runner_that_is_used_starts_a_cluster_and_stops_it():
+    """The measurement above can fail: the first executor() call starts worker processes, close() ends them."""
+    from flows import scaleout
+
+    before = _started_here()
+    with scaleout.DataRunner(OrchestrationConfig(task_runner="dask", dask_workers=1)) as runner:
+        executor, slots = runner.executor()
+        assert slots == 1 and executor is not None
+        children, ports = _new_since(before)
+        assert children and ports
+    deadline = time.monotonic() + 60
+    while _new_since(before)[0] and time.monotonic() < deadline:  # the worker process exits after close()
+        time.sleep(0.5)
+    assert _new_since(before) == (set(), set())

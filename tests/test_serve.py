@@ -277,6 +277,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.server
+@pytest.mark.slow
 def test_source_changed_event_runs_the_triggered_deployment(api, tmp_path):
     """emit llmpipe.source.changed -> the automation creates a run of llmpipe/download -> `serve` runs it."""
     from prefect import get_client
@@ -297,6 +298,7 @@ def test_source_changed_event_runs_the_triggered_deployment(api, tmp_path):
         assert proc.poll() is None, log.read_text()
         with get_client(sync_client=True) as client:
             download = client.read_deployment_by_name("llmpipe/download")
+            assert not download.paused  # being served
             autos = _automations_by_deployment(client)
             assert [sorted(a.trigger.expect) for a in autos[download.id]] == [["llmpipe.source.changed"]]
 
@@ -328,7 +330,10 @@ def test_source_changed_event_runs_the_triggered_deployment(api, tmp_path):
         assert stage_runs[0].data.tags["cached"] == "false"
     finally:
         _stop(proc)
-    assert proc.returncode is not None
+    # SIGTERM is a graceful shutdown (exit status 0, not the SIGKILL fallback) that pauses what it served
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    with get_client(sync_client=True) as client:
+        assert {n: d.paused for n, d in _deployments(client).items()} == {n: True for n in DEPLOYMENTS}
 
 
 @pytest.mark.server

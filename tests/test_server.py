@@ -7,11 +7,13 @@ MLflow store in <workdir>/mlruns); every process a test starts is stopped before
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -81,11 +83,9 @@ def test_start_status_stop_with_real_processes(tmp_path):
         assert r.stdout.splitlines() == [f"prefect  running   http://127.0.0.1:{pport}  pid {pids['prefect']}",
                                          f"mlflow   running   http://127.0.0.1:{mport}  pid {pids['mlflow']}"]
 
-        t0 = time.perf_counter()
-        url = prefect_api_url(wd)
-        elapsed = time.perf_counter() - t0
-        assert url == f"http://127.0.0.1:{pport}/api"
-        assert elapsed < 0.3, elapsed
+        # reading the URL of the running server neither waits on the start lock nor starts anything
+        assert _without_the_start_lock(wd, prefect_api_url) == f"http://127.0.0.1:{pport}/api"
+        assert _server_pids(wd) == [pids["prefect"]]
 
         # starting twice is a no-op that says so (same processes, even with other ports asked for)
         r = llmpipe("server", "start", "--prefect-port", str(pport + 1), "--mlflow-port", str(mport + 1),
@@ -146,10 +146,46 @@ def test_stale_pid_file_is_reported_and_cleaned(tmp_path):
     assert not (state / "prefect.pid").exists() and not (state / "prefect.json").exists()
 
 
-def test_prefect_api_url_without_a_server_is_none_and_fast(tmp_path):
-    t0 = time.perf_counter()
+def _without_the_start_lock(wd: Path, call):
+    """call(wd) while another open file holds <wd>/.llmpipe/prefect.lock (as a `llmpipe run` starting
+    the server does): its result, or a failure if it waits on that lock."""
+    state = wd / ".llmpipe"
+    state.mkdir(exist_ok=True)
+    result: list = []
+    with open(state / "prefect.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: result.append(call(wd)), daemon=True)
+        worker.start()
+        worker.join(timeout=60)  # a hang detector, not a speed limit
+        assert not worker.is_alive(), "waited on the server start lock"
+    return result[0]
+
+
+def _server_pids(wd: Path) -> list[int]:
+    """`prefect server start` processes whose working directory is wd (how flows.server starts them)."""
+    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if _cmd(pid).startswith(f"{sys.executable} -m prefect server start") and _cwd(pid) == str(wd)]
+
+
+def test_prefect_api_url_without_a_server_is_none_and_starts_nothing(tmp_path):
     assert prefect_api_url(tmp_path) is None
-    assert time.perf_counter() - t0 < 0.3
+    assert list(tmp_path.iterdir()) == []  # no state written, so no server started
+    assert _without_the_start_lock(tmp_path, prefect_api_url) is None
+    assert _server_pids(tmp_path) == []
+
+
+def test_prefect_api_url_of_a_server_that_does_not_answer_is_none(tmp_path):
+    """A live pid whose port accepts but never answers /api/health: None (the health check gives up)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}/api"
+        (tmp_path / ".llmpipe").mkdir()
+        (tmp_path / ".llmpipe" / "prefect.json").write_text(json.dumps(
+            {"pid": os.getpid(), "port": port, "url": url[:-4], "api_url": url, "health_url": f"{url}/health"}))
+        assert _without_the_start_lock(tmp_path, prefect_api_url) is None
+    assert _server_pids(tmp_path) == []
 
 
 def test_bad_port_and_service_names(tmp_path):
@@ -182,9 +218,7 @@ def test_run_starts_one_kept_server_per_workdir_and_reuses_it(tmp_path):
         assert again.returncode == 0, again.stderr
         assert "started a Prefect server" not in again.stderr
         assert read_state(wd, "prefect")["pid"] == info["pid"]
-        servers = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-                   if _cmd(pid).startswith(f"{sys.executable} -m prefect server start") and _cwd(pid) == str(wd)]
-        assert servers == [info["pid"]]
+        assert _server_pids(wd) == [info["pid"]]
     finally:
         stop_service("prefect", wd, echo=lambda _m: None)
     assert read_state(wd, "prefect") is None

@@ -18,14 +18,6 @@ from tests.test_pipeline import TEST_OVERRIDES, write_fixture_workdir
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_split_values_keeps_brackets_and_quotes():
     from flows.sweep import split_values
 
@@ -33,7 +25,8 @@ def test_split_values_keeps_brackets_and_quotes():
     assert split_values('[a, b],[c],"x,y"') == ["[a, b]", "[c]", '"x,y"']
 
 
-def test_sweep_of_three_spam_lrs_shares_pretrain(prefect_server, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_sweep_of_three_spam_lrs_shares_pretrain(prefect_harness, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from flows.sweep import parse_grid, run_sweep
     from flows.tracking import Tracker
@@ -73,7 +66,8 @@ def test_sweep_of_three_spam_lrs_shares_pretrain(prefect_server, tmp_path, monke
     assert len(names) == 3 and all("spam.lr=" in n for n in names)
 
 
-def test_parallel_sweep_gives_the_sequential_results(prefect_server, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_parallel_sweep_gives_the_sequential_results(prefect_harness, tmp_path, monkeypatch):
     """--parallel 2 (each variant its own `llmpipe run` process) vs one after the other, in two workdirs."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from flows.sweep import parse_grid, run_sweep

@@ -18,18 +18,12 @@ import pytest
 from tests.test_pipeline import TEST_OVERRIDES, write_fixture_workdir
 
 ROOT = Path(__file__).resolve().parent.parent
+# every test reads the two pipeline runs of the `runs` fixture (about a minute on 2 cores)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def runs(prefect_server, tmp_path_factory):
+def runs(prefect_harness, tmp_path_factory):
     """Two pipeline runs on one workdir: the default, then spam.lr changed (only spam runs again)."""
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from flows.pipeline import pipeline

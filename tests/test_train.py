@@ -191,6 +191,7 @@ def test_book_compat_replays_the_books_training_loop(tmp_path):
 
 
 @pytest.mark.parametrize("book", [False, True])
+@pytest.mark.slow
 def test_stop_and_resume_is_exact(shards, tmp_path, book):
     kw = dict(book_compat=True, weight_decay=0.1) if book else {}
     cfg = tiny_cfg(**kw)
@@ -258,6 +259,7 @@ def test_resume_refuses_a_different_model(shards, tmp_path):
         run_pretrain(other, shards, tmp_path, progress=False)
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_partial_checkpoint_and_resume_ends_identically(shards, tmp_path):
     cfg = tiny_cfg(epochs=3, max_steps=40, checkpoint_every=1, keep_checkpoints=3, eval_every=1000)
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
@@ -300,6 +302,7 @@ def test_kill_9_leaves_no_partial_checkpoint_and_resume_ends_identically(shards,
     assert resumed.metrics["train_loss"] == pytest.approx(ref.metrics["train_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_gradient_accumulation(shards, tmp_path):
     base = dict(epochs=1, max_steps=6, batch_size=2, eval_every=3, checkpoint_every=3)
     model = {"name": None, **TINY, "drop_rate": 0.0}
