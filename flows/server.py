@@ -248,7 +248,25 @@ def temporary_prefect(workdir: str | Path, timeout: float = 180.0) -> Iterator[s
             time.sleep(0.2)
         yield spec.api_url
     finally:
+        drain_prefect_logs()
         stop_process(proc, grace=10)
+
+
+def drain_prefect_logs(timeout: float = 10.0) -> None:
+    """Send the logs and events Prefect still queues in this process to its server (as Prefect's own
+    test harness does before it stops its server), so a temporary server is not stopped under them and
+    the run does not end with "Error logging to API: All connection attempts failed"."""
+    if "prefect.logging.handlers" not in sys.modules:  # this process never logged to Prefect
+        return
+    # lazy: only a process that already imported prefect gets here
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    try:
+        APILogWorker.instance().drain()
+    except RuntimeError:  # the worker never started
+        pass
+    EventsWorker.drain_all(timeout=timeout)
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 30.0) -> None:

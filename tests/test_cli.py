@@ -77,3 +77,13 @@ def test_generate_json_is_greedy_and_matches_the_library(tmp_path):
 def test_presets_lists_the_shipped_presets(tmp_path):
     p = llmpipe("presets", cwd=tmp_path, check_rc=0)
     assert {"tiny", "verdict", "gutenberg"} <= set(p.stdout.split())
+
+
+def test_a_run_on_a_temporary_prefect_server_ends_without_log_errors(tmp_path):
+    # LLMPIPE_PREFECT=ephemeral (set for the tests): the run's own server stops only after the logs and
+    # events Prefect still queues in the process have reached it (before: "Error logging to API")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Every effort moves you toward the next line of the story.\n" * 200)
+    p = llmpipe("run", "clean", "--corpus", str(corpus), "--no-progress", cwd=tmp_path, check_rc=0)
+    assert "clean     ran" in p.stderr
+    assert "Error logging to API" not in p.stderr, p.stderr[-500:]
