@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -42,8 +43,12 @@ STAGE_CHOICES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "
 
 from flows import timing  # noqa: E402
 from flows.errors import UsageError  # noqa: E402
-from llm.config import ConfigError  # noqa: E402  (light: pydantic + yaml only)
+from llm.config import ConfigError, list_presets  # noqa: E402  (light: pydantic + yaml only)
 from llm.procenv import allowed_cores  # noqa: E402  (light: os only)
+
+# The stage modules, flows.pipeline (prefect), flows.registry (mlflow), torch and the llm/ recipes are
+# imported inside the command that needs them (deliberately lazy): `llmpipe --help`, `presets` or
+# `stages` must not pay seconds of imports they never use.
 
 PLUGIN_MODULES = ("flows.server", "flows.serve", "flows.judge_cli", "flows.sweep", "flows.ui")
 
@@ -252,8 +257,6 @@ def show_progress(args) -> bool:
 
 
 def command_line() -> str:
-    import shlex
-
     return shlex.join(["llmpipe", *sys.argv[1:]])
 
 
@@ -290,8 +293,6 @@ def cmd_stages(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from llm.config import list_presets
-
     print("\n".join(list_presets()))
     return 0
 

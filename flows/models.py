@@ -19,6 +19,7 @@ from typing import Optional
 
 from flows.cache import RECORD as MARKER
 from flows.cache import verify_files
+# flows.tracking (MLflow client) is imported only when a run id must be resolved (deliberately lazy).
 from flows.stages import STAGE_DEFS
 
 OUTPUT_NAME = {"pretrain": "checkpoint", "spam": "classifier", "instruct": "model", "dpo": "model"}

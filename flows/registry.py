@@ -36,6 +36,8 @@ from flows import report
 from flows.errors import UsageError
 from flows.tracking import get_tracker, reserved_tags
 from llm.fsutil import publish_dir
+# mlflow and flows.pyfunc (torch) are imported inside the functions that use them (deliberately lazy):
+# a cached run's main process and `llmpipe --help` never import them.
 
 # mlflow (and flows.pyfunc, which imports it and torch) are imported inside the functions that use them,
 # deliberately: flows.pipeline imports this module, and a fully cached run must not import mlflow or torch.

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from flows.tracking import run_link
+# prefect is imported inside the functions that use it (deliberately lazy): `llmpipe --help`, `stages`
+# and the tracker side process (flows/trackproc.py) use this module without paying Prefect's import.
 
 # prefect is imported inside the functions that use it, deliberately: flows.registry imports this module in the
 # MLflow side process (flows/trackproc.py), which must not pay for importing prefect.

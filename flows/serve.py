@@ -64,6 +64,8 @@ from flows.errors import UsageError
 from flows.server import healthy, prefect_api_url
 from llm.config import STAGES, yaml_error_message
 from llm.fsutil import atomic_write_text
+# prefect and flows.pipeline are imported inside the functions that use them (deliberately lazy):
+# `llmpipe serve --help` and `--write-prefect-yaml` should not pay Prefect's multi-second import.
 
 # prefect, flows.pipeline and flows.stages are imported inside the functions that use them, deliberately:
 # `llmpipe --help` imports this module and must stay fast (prefect alone takes about a second).

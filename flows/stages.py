@@ -105,6 +105,10 @@ def sources_file(cfg: PipelineConfig, workdir: Path) -> Path:
     return local if local.is_file() else default_sources_path()
 
 
+# Stage bodies import their llm/ module inside the body (deliberately lazy): a fully cached run never
+# imports torch or the recipes, and flows/cache.py keys each stage by the imports of its own body.
+
+
 def _download(cfg: PipelineConfig, up: Upstream, out: Path, ctx) -> StageResult:
     from llm.sources import run_download
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from flows import timing
+# mlflow is imported inside the methods that use it (deliberately lazy): a fully cached `llmpipe run`
+# talks to MLflow through the side process of flows/trackproc.py and never imports it in its main process.
 
 # mlflow is imported inside the methods that use it, deliberately: flows.pipeline imports this module, and a
 # fully cached `llmpipe run` talks to MLflow from a side process (flows/trackproc.py) and never imports it here.
