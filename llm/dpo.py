@@ -61,7 +61,7 @@ from llm.finetune import (encode_text, epoch_indices, merge_if_lora, param_count
 from llm.instruct import split_records, write_responses
 from llm.model import EOT_ID, GPT
 from llm.prompts import format_input, format_prompt
-from llm.records import read_records
+from llm.records import read_string_records
 from llm.result import MetricLogger, StageResult, log_or_null
 from llm.tokenizer import get_encoding
 from llm.training import TrainingInterrupted  # noqa: F401 (re-exported: the tests' stop_after hook raises it)
@@ -77,29 +77,13 @@ HISTORY_KEYS = ("step", "dpo_train_loss", "dpo_val_loss", "train_reward_margin",
 # Data
 # --------------------------------------------------------------------------------------------
 
-def _check_record(rec, where: str) -> dict:
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected an object with string fields {', '.join(FIELDS)}; "
-                         f"got {type(rec).__name__}")
-    for f in FIELDS:
-        if f not in rec:
-            raise ValueError(f"{where}: missing field '{f}' (expected a string)")
-        if not isinstance(rec[f], str):
-            raise ValueError(f"{where}: field '{f}' must be a string, got {type(rec[f]).__name__}")
-    return {f: rec[f] for f in FIELDS}
-
-
 def load_preference_records(path: str | Path) -> list[dict]:
     """Read and validate preference records from a JSON list or a JSONL file (one object per line;
     llm/records.py decides which by parsing the whole file as JSON first).
 
     Errors name the file, the record index (0-based), for JSONL the line (1-based), and the field:
     ``pref.json: record 7: missing field 'rejected' (expected a string)``."""
-    rows = read_records(path, "preference data")
-    records = [_check_record(rec, rows.where(i)) for i, rec in enumerate(rows)]
-    if not records:
-        raise ValueError(f"{path}: no preference records")
-    return records
+    return read_string_records(path, FIELDS, "preference")
 
 
 def encode_pair(enc, entry: dict, prompt_format: str = "alpaca") -> dict:

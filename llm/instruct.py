@@ -74,7 +74,7 @@ from llm.generate import generate
 from llm.model import EOT_ID, GPT
 from llm.prompts import (ALPACA_PREAMBLE, RESPONSE_HEADER, _check_format, extract_response,  # noqa: F401 (re-exported)
                          format_example, format_input, format_prompt)
-from llm.records import read_records
+from llm.records import read_string_records
 from llm.result import MetricLogger, StageResult, log_or_null
 from llm.tokenizer import get_encoding
 from llm.training import TrainingInterrupted  # noqa: F401 (re-exported: the tests' stop_after hook raises it)
@@ -89,29 +89,13 @@ HISTORY_KEYS = ("step", "tokens_seen", "train_loss", "val_loss")
 # Data
 # --------------------------------------------------------------------------------------------
 
-def _check_record(rec, where: str) -> dict:
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected an object with string fields instruction, input, output; "
-                         f"got {type(rec).__name__}")
-    for f in FIELDS:
-        if f not in rec:
-            raise ValueError(f"{where}: missing field '{f}' (expected a string)")
-        if not isinstance(rec[f], str):
-            raise ValueError(f"{where}: field '{f}' must be a string, got {type(rec[f]).__name__}")
-    return {f: rec[f] for f in FIELDS}
-
-
 def load_records(path: str | Path) -> list[dict]:
     """Read and validate instruction records from a JSON list or a JSONL file (one object per line;
     llm/records.py decides which by parsing the whole file as JSON first).
 
     Errors name the file, the record index (0-based) and for JSONL the line (1-based), and the field:
     ``data.jsonl: line 3: record 2: field 'input' must be a string, got int``."""
-    rows = read_records(path, "instruction data")
-    records = [_check_record(rec, rows.where(i)) for i, rec in enumerate(rows)]
-    if not records:
-        raise ValueError(f"{path}: no instruction records")
-    return records
+    return read_string_records(path, FIELDS, "instruction")
 
 
 def split_records(records: Sequence[dict], shuffle: bool = False, seed: int = 123,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 class Records(list):
@@ -116,3 +116,26 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"llm.records: error: {e}")
     print(f"{recs.path}: {recs.format}, {len(recs)} record(s)")
+
+
+def check_record(rec: Any, where: str, fields: Sequence[str]) -> dict:
+    """`rec` as {field: str} for exactly `fields`, or one ValueError naming `where` and the field at fault."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected an object with string fields {', '.join(fields)}; "
+                         f"got {type(rec).__name__}")
+    for f in fields:
+        if f not in rec:
+            raise ValueError(f"{where}: missing field '{f}' (expected a string)")
+        if not isinstance(rec[f], str):
+            raise ValueError(f"{where}: field '{f}' must be a string, got {type(rec[f]).__name__}")
+    return {f: rec[f] for f in fields}
+
+
+def read_string_records(path: str | Path, fields: Sequence[str], what: str) -> list[dict]:
+    """Every record of a JSON / JSON Lines file checked to have string `fields` (check_record); at least
+    one. `what` names them in errors: "instruction" -> "data.json: no instruction records"."""
+    rows = read_records(path, f"{what} data")
+    records = [check_record(rec, rows.where(i), fields) for i, rec in enumerate(rows)]
+    if not records:
+        raise ValueError(f"{path}: no {what} records")
+    return records
