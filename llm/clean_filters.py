@@ -6,6 +6,7 @@ In the style of datatrove, each step takes and yields records, and says why it d
 here, so `from llm.clean import clean_texts` keeps working.
 
     from llm.clean_filters import clean_texts
+    from llm.config import CleanConfig
     clean_texts(["\ufeffHello\r\nworld   "], CleanConfig(min_chars=0))   # ['Hello\nworld']
 
 Run `python -m llm.clean_filters FILE` to print a text file as the default steps leave it.

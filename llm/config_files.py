@@ -5,6 +5,7 @@ llm/config.py is the section classes and load_config. Errors name the layer at f
 with the line of the field (`yaml_line`), or --set. This module knows nothing of the sections: a
 pydantic ValidationError of any of them is turned into one line by `format_validation_error`.
 
+    from pathlib import Path
     from llm.config_files import parse_override, read_yaml_text
     parse_override("pretrain.lr=1e-3")     # (['pretrain', 'lr'], 0.001)
     data, text = read_yaml_text(Path("llm/presets/tiny.yaml"))
