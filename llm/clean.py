@@ -2,7 +2,8 @@
 
 Input files become records (doc_id, source, text): a text file is one document; a .jsonl file is
 one document per line (field "text"). Records then flow through small generator steps (in the
-style of datatrove: each step takes and yields records, and says why it drops one):
+style of datatrove: each step takes and yields records, and says why it drops one; they live in
+llm/clean_filters.py and are re-exported here):
 
     strip_bom            remove a leading U+FEFF
     normalize_newlines   CRLF / CR -> LF
@@ -33,15 +34,11 @@ Run `python -m llm.clean OUT_DIR FILE_OR_FOLDER_OR_GLOB ...` to clean files by h
 from __future__ import annotations
 
 import glob as globmod
-import hashlib
 import json
 import os
-import re
 import sys
-import unicodedata
 from collections import deque
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -52,44 +49,18 @@ from tqdm.auto import tqdm
 from llm.fsutil import atomic_write_text, publish_file, temp_file
 from llm.config import CleanConfig
 from llm.result import MetricLogger, StageResult, log_or_null
+# The filters live in llm/clean_filters.py; every name stays importable from llm.clean.
+from llm.clean_filters import (  # noqa: F401  (re-exported)
+    DROP_REASONS, GUTENBERG_END, GUTENBERG_START, JUNK_RE, LETTER_RE, DropCounter, Record, Step, apply_steps,
+    build_steps, clean_texts, collapse_blank_lines, document_steps, drop_duplicates, drop_no_text, drop_short,
+    gutenberg_body, has_text, normalize_newlines, normalize_unicode, strip_bom, strip_gutenberg, strip_whitespace,
+)
 
 CORPUS_SUFFIXES = (".txt", ".md", ".jsonl")
-DROP_REASONS = ("too_short", "no_text", "duplicate")
-LETTER_RE = re.compile(r"[^\W\d_]")  # a letter of any script
-JUNK_RE = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")  # control characters (not \t \n \v \f \r), U+FFFD
 SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string())])
 ROW_GROUP_CHARS = 32 << 20  # flush a Parquet row group at this many text characters ...
 ROW_GROUP_ROWS = 1024  # ... or this many documents
 
-
-@dataclass
-class Record:
-    doc_id: str
-    source: str
-    text: str
-
-
-class DropCounter:
-    """Counts dropped records per reason (every known reason starts at 0) and modified ones per step."""
-
-    def __init__(self, reasons: Iterable[str] = DROP_REASONS):
-        self.dropped: dict[str, int] = {r: 0 for r in reasons}
-        self.modified: dict[str, int] = {}
-        self.dropped_by_source: dict[str, dict[str, int]] = {}
-
-    def drop(self, reason: str, record: Record) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-        per = self.dropped_by_source.setdefault(record.source, {})
-        per[reason] = per.get(reason, 0) + 1
-
-    def modify(self, step: str) -> None:
-        self.modified[step] = self.modified.get(step, 0) + 1
-
-    def total(self) -> int:
-        return sum(self.dropped.values())
-
-
-Step = Callable[[Iterable[Record]], Iterator[Record]]
 
 # --------------------------------------------------------------------------------- input files
 
@@ -166,162 +137,6 @@ def iter_documents(path: str | Path, source: Optional[str] = None) -> Iterator[R
             yield Record(f"{source}:{lineno}", source, obj["text"])
 
 
-# --------------------------------------------------------------------------------------- steps
-
-def strip_bom(records: Iterable[Record]) -> Iterator[Record]:
-    for r in records:
-        if r.text.startswith("\ufeff"):
-            r.text = r.text[1:]
-        yield r
-
-
-def normalize_newlines(records: Iterable[Record]) -> Iterator[Record]:
-    for r in records:
-        if "\r" in r.text:
-            r.text = r.text.replace("\r\n", "\n").replace("\r", "\n")
-        yield r
-
-
-def normalize_unicode(form: str) -> Step:
-    def step(records: Iterable[Record]) -> Iterator[Record]:
-        for r in records:
-            if not unicodedata.is_normalized(form, r.text):
-                r.text = unicodedata.normalize(form, r.text)
-            yield r
-    return step
-
-
-_PG = r"\*\*\*[ \t]*{what} OF (?:THIS|THE) PROJECT GUTENBERG E-?BOOK\b[^\n]*?\*\*\*[ \t]*$"
-GUTENBERG_START = re.compile(_PG.format(what="START"), re.IGNORECASE | re.MULTILINE)
-GUTENBERG_END = re.compile(_PG.format(what="END"), re.IGNORECASE | re.MULTILINE)
-
-
-def gutenberg_body(text: str) -> Optional[str]:
-    """The text strictly between the START and END marker lines (None if neither marker is present).
-
-    Expects LF newlines. With only one marker present, the text after START (or before END) is kept.
-    """
-    start = GUTENBERG_START.search(text)
-    end = GUTENBERG_END.search(text, start.end() if start else 0)
-    if start is None and end is None:
-        return None
-    lo = 0
-    if start is not None:
-        nl = text.find("\n", start.end())
-        lo = len(text) if nl < 0 else nl + 1
-    hi = len(text)
-    if end is not None:
-        hi = max(lo, end.start() - 1 if end.start() > 0 and text[end.start() - 1] == "\n" else end.start())
-    return text[lo:hi]
-
-
-def strip_gutenberg(counter: DropCounter) -> Step:
-    def step(records: Iterable[Record]) -> Iterator[Record]:
-        for r in records:
-            body = gutenberg_body(r.text)
-            if body is not None:
-                r.text = body
-                counter.modify("gutenberg_stripped")
-            yield r
-    return step
-
-
-_BLANKS = re.compile(r"\n{3,}")
-
-
-def collapse_blank_lines(records: Iterable[Record]) -> Iterator[Record]:
-    for r in records:
-        r.text = _BLANKS.sub("\n\n", r.text)
-        yield r
-
-
-_TRAILING_WS = re.compile(r"[^\S\n]+$", re.MULTILINE)
-
-
-def strip_whitespace(records: Iterable[Record]) -> Iterator[Record]:
-    for r in records:
-        text = _TRAILING_WS.sub("", r.text)
-        r.text = text.lstrip("\n").rstrip()
-        yield r
-
-
-def drop_short(min_chars: int, counter: DropCounter) -> Step:
-    def step(records: Iterable[Record]) -> Iterator[Record]:
-        for r in records:
-            if len(r.text) < min_chars or not r.text:
-                counter.drop("too_short", r)
-                continue
-            yield r
-    return step
-
-
-def has_text(text: str) -> bool:
-    """Whether a document is text: it has a letter, and no more control characters than letters."""
-    if LETTER_RE.search(text) is None:
-        return False
-    junk = len(JUNK_RE.findall(text))
-    return junk == 0 or junk <= len(LETTER_RE.findall(text))
-
-
-def drop_no_text(counter: DropCounter) -> Step:
-    def step(records: Iterable[Record]) -> Iterator[Record]:
-        for r in records:
-            if not has_text(r.text):
-                counter.drop("no_text", r)
-                continue
-            yield r
-    return step
-
-
-def drop_duplicates(counter: DropCounter) -> Step:
-    def step(records: Iterable[Record]) -> Iterator[Record]:
-        seen: set[bytes] = set()
-        for r in records:
-            h = hashlib.blake2b(r.text.encode("utf-8"), digest_size=16).digest()
-            if h in seen:
-                counter.drop("duplicate", r)
-                continue
-            seen.add(h)
-            yield r
-    return step
-
-
-def build_steps(cfg: CleanConfig, counter: DropCounter) -> list[Step]:
-    """The configured step chain, in order."""
-    steps = document_steps(cfg, counter)
-    if cfg.dedup:
-        steps.append(drop_duplicates(counter))
-    return steps
-
-
-def document_steps(cfg: CleanConfig, counter: DropCounter) -> list[Step]:
-    """The steps that look at one document at a time (all but drop_duplicates), in order."""
-    steps: list[Step] = [strip_bom, normalize_newlines]
-    if cfg.normalize != "none":
-        steps.append(normalize_unicode(cfg.normalize))
-    if cfg.strip_gutenberg:
-        steps.append(strip_gutenberg(counter))
-    if cfg.collapse_blank_lines:
-        steps.append(collapse_blank_lines)
-    steps.append(strip_whitespace)
-    steps.append(drop_short(cfg.min_chars, counter))
-    steps.append(drop_no_text(counter))
-    return steps
-
-
-def apply_steps(records: Iterable[Record], steps: list[Step]) -> Iterator[Record]:
-    for step in steps:
-        records = step(records)
-    return iter(records)
-
-
-def clean_texts(texts: Iterable[str], cfg: Optional[CleanConfig] = None) -> list[str]:
-    """Convenience: run the cleaning steps over plain strings (drops included), return the kept texts."""
-    cfg = cfg or CleanConfig()
-    recs = (Record(str(i), "text", t) for i, t in enumerate(texts))
-    return [r.text for r in apply_steps(recs, build_steps(cfg, DropCounter()))]
-
-
 # ------------------------------------------------------------------------------------ the stage
 
 def _unique_ids(records: Iterable[Record]) -> Iterator[Record]:
@@ -391,6 +206,39 @@ def run_clean(cfg: CleanConfig, inputs: dict[str, Path], out_dir: Path, progress
     """
     log = log_or_null(log)
     out_dir = Path(out_dir)
+    files = _input_files(cfg, inputs)
+    tally = _Tally()
+    if executor is None:  # streamed: one document in memory at a time
+        records = apply_steps(_read_files(files, tally), build_steps(cfg, tally.drops))
+    else:
+        dedup = drop_duplicates(tally.drops) if cfg.dedup else (lambda records: records)
+        records = dedup(_cleaned_on(executor, executor_slots, files, cfg, tally))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / "documents.parquet"
+    tmp = temp_file(out_dir, prefix=".documents.", suffix=".parquet.tmp")
+    try:
+        _write_documents(_unique_ids(records), tmp, tally, progress, log)
+        if tally.totals["documents_out"] == 0:
+            reasons = ", ".join(f"{k}={v}" for k, v in tally.drops.dropped.items())
+            named = ", ".join(str(p) for p, _ in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            raise ValueError(f"clean: no documents left after cleaning {tally.totals['documents_in']} input "
+                             f"document(s) (dropped: {reasons}; min_chars={cfg.min_chars}) of {named}")
+        publish_file(tmp, final)  # fsync, rename, fsync the folder
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+    report = _write_report(out_dir, files, tally)
+    metrics = {k: float(v) for k, v in tally.totals.items()}
+    metrics.update({f"dropped_{k}": float(v) for k, v in tally.drops.dropped.items()})
+    metrics["gutenberg_stripped"] = float(tally.drops.modified.get("gutenberg_stripped", 0))
+    return StageResult(metrics=metrics, params={"clean_sources": ",".join(sorted(tally.per_source))},
+                       artifacts=[report], outputs={"documents": final})
+
+
+def _input_files(cfg: CleanConfig, inputs: dict[str, Path]) -> list[tuple[Path, str]]:
+    """(path, source) of every file to clean: the downloaded sources cfg.sources names (all of
+    `inputs` when it names none), then the cfg.corpus files; each checked to exist."""
     names = list(cfg.sources) if cfg.sources else list(inputs)
     missing = [n for n in names if n not in inputs]
     if missing:
@@ -403,93 +251,92 @@ def run_clean(cfg: CleanConfig, inputs: dict[str, Path], out_dir: Path, progress
     for path, _ in files:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: input file not found")
+    return files
 
-    counter = DropCounter()
-    per_source: dict[str, dict[str, int]] = {}
-    stats = {"documents_in": 0, "documents_out": 0, "chars_out": 0}
 
-    def read_all() -> Iterator[Record]:
-        for path, source in files:
-            for rec in iter_documents(path, source):
-                stats["documents_in"] += 1
-                per_source.setdefault(source, {"documents_in": 0, "documents_out": 0, "chars_out": 0})
-                per_source[source]["documents_in"] += 1
-                yield rec
+class _Tally:
+    """What one run counts: drops (a DropCounter), the totals and the same per source."""
 
-    def cleaned() -> Iterator[Record]:
-        if executor is None:  # streamed: one document in memory at a time
-            yield from apply_steps(read_all(), build_steps(cfg, counter))
-            return
-        dedup = drop_duplicates(counter) if cfg.dedup else (lambda records: records)
+    def __init__(self):
+        self.drops = DropCounter()
+        self.totals = {"documents_in": 0, "documents_out": 0, "chars_out": 0}
+        self.per_source: dict[str, dict[str, int]] = {}
 
-        def from_workers() -> Iterator[Record]:
-            jobs = [(path, source, cfg) for path, source in files]
-            for (path, source), (kept, part, n_in) in zip(files, _ordered_map(executor, clean_file, jobs,
-                                                                              ahead=2 * max(1, executor_slots))):
-                _merge_counts(counter, part)
-                stats["documents_in"] += n_in
-                if n_in:
-                    ps = per_source.setdefault(source, {"documents_in": 0, "documents_out": 0, "chars_out": 0})
-                    ps["documents_in"] += n_in
-                yield from kept
+    def read(self, source: str, n: int) -> None:
+        """n documents of `source` were read."""
+        self.totals["documents_in"] += n
+        if n:
+            ps = self.per_source.setdefault(source, {"documents_in": 0, "documents_out": 0, "chars_out": 0})
+            ps["documents_in"] += n
 
-        yield from dedup(from_workers())
+    def kept(self, rec: Record) -> None:
+        """rec goes into documents.parquet."""
+        self.totals["documents_out"] += 1
+        self.totals["chars_out"] += len(rec.text)
+        ps = self.per_source[rec.source]
+        ps["documents_out"] += 1
+        ps["chars_out"] += len(rec.text)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / "documents.parquet"
-    tmp = temp_file(out_dir, prefix=".documents.", suffix=".parquet.tmp")
-    try:
-        writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
-        buf: dict[str, list[str]] = {"doc_id": [], "source": [], "text": []}
-        buf_chars = 0
 
-        def flush() -> None:
-            nonlocal buf_chars
-            if buf["doc_id"]:
-                writer.write_table(pa.table(buf, schema=SCHEMA))
-                for v in buf.values():
-                    v.clear()
-                buf_chars = 0
+def _read_files(files: list[tuple[Path, str]], tally: _Tally) -> Iterator[Record]:
+    """The records of every file, in order, counted as read."""
+    for path, source in files:
+        for rec in iter_documents(path, source):
+            tally.read(source, 1)
+            yield rec
 
-        with tqdm(desc="clean", unit="doc", disable=not progress) as bar:
-            for rec in _unique_ids(cleaned()):
-                buf["doc_id"].append(rec.doc_id)
-                buf["source"].append(rec.source)
-                buf["text"].append(rec.text)
-                buf_chars += len(rec.text)
-                stats["documents_out"] += 1
-                stats["chars_out"] += len(rec.text)
-                ps = per_source[rec.source]
-                ps["documents_out"] += 1
-                ps["chars_out"] += len(rec.text)
-                bar.update(1)
-                if buf_chars >= ROW_GROUP_CHARS or len(buf["doc_id"]) >= ROW_GROUP_ROWS:
-                    flush()
-                    log(dict(stats), stats["documents_out"])
-            flush()
-        writer.close()
-        if stats["documents_out"] == 0:
-            reasons = ", ".join(f"{k}={v}" for k, v in counter.dropped.items())
-            named = ", ".join(str(p) for p, _ in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-            raise ValueError(f"clean: no documents left after cleaning {stats['documents_in']} input document(s) "
-                             f"(dropped: {reasons}; min_chars={cfg.min_chars}) of {named}")
-        publish_file(tmp, final)  # fsync, rename, fsync the folder
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
-    for source, drops in counter.dropped_by_source.items():
-        per_source.setdefault(source, {}).update({f"dropped_{k}": v for k, v in sorted(drops.items())})
+def _cleaned_on(executor: Executor, executor_slots: int, files: list[tuple[Path, str]], cfg: CleanConfig,
+                tally: _Tally) -> Iterator[Record]:
+    """The records each file keeps after the per-document steps, run by clean_file on the executor
+    (2 x executor_slots files in flight), in file order; their counts merged into tally."""
+    jobs = [(path, source, cfg) for path, source in files]
+    results = _ordered_map(executor, clean_file, jobs, ahead=2 * max(1, executor_slots))
+    for (path, source), (kept, part, n_in) in zip(files, results):
+        _merge_counts(tally.drops, part)
+        tally.read(source, n_in)
+        yield from kept
+
+
+def _write_documents(records: Iterable[Record], path: Path, tally: _Tally, progress: bool, log: MetricLogger) -> None:
+    """Stream records into the Parquet file `path` (a row group per ROW_GROUP_CHARS characters or
+    ROW_GROUP_ROWS documents), counting each as kept."""
+    writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
+    buf: dict[str, list[str]] = {"doc_id": [], "source": [], "text": []}
+    buf_chars = 0
+
+    def flush() -> None:
+        nonlocal buf_chars
+        if buf["doc_id"]:
+            writer.write_table(pa.table(buf, schema=SCHEMA))
+            for v in buf.values():
+                v.clear()
+            buf_chars = 0
+
+    with tqdm(desc="clean", unit="doc", disable=not progress) as bar:
+        for rec in records:
+            buf["doc_id"].append(rec.doc_id)
+            buf["source"].append(rec.source)
+            buf["text"].append(rec.text)
+            buf_chars += len(rec.text)
+            tally.kept(rec)
+            bar.update(1)
+            if buf_chars >= ROW_GROUP_CHARS or len(buf["doc_id"]) >= ROW_GROUP_ROWS:
+                flush()
+                log(dict(tally.totals), tally.totals["documents_out"])
+        flush()
+    writer.close()
+
+
+def _write_report(out_dir: Path, files: list[tuple[Path, str]], tally: _Tally) -> Path:
+    """clean_report.json: the totals, the counts per source (drops included) and the input files."""
+    for source, drops in tally.drops.dropped_by_source.items():
+        tally.per_source.setdefault(source, {}).update({f"dropped_{k}": v for k, v in sorted(drops.items())})
+    totals = {**tally.totals, **{f"dropped_{k}": v for k, v in tally.drops.dropped.items()}, **tally.drops.modified}
     report = out_dir / "clean_report.json"
-    atomic_write_text(report, json.dumps({"totals": {**stats, **{f"dropped_{k}": v for k, v in counter.dropped.items()},
-                                                      **counter.modified},
-                                          "sources": per_source,
+    atomic_write_text(report, json.dumps({"totals": totals, "sources": tally.per_source,
                                           "files": [{"path": str(p), "source": s} for p, s in files]}, indent=2) + "\n")
-    metrics = {k: float(v) for k, v in stats.items()}
-    metrics.update({f"dropped_{k}": float(v) for k, v in counter.dropped.items()})
-    metrics["gutenberg_stripped"] = float(counter.modified.get("gutenberg_stripped", 0))
-    return StageResult(metrics=metrics, params={"clean_sources": ",".join(sorted(per_source))},
-                       artifacts=[report], outputs={"documents": final})
+    return report
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ preset YAML shipped in `llm/presets/` (``--preset NAME``), then an optional user
 once, whole (model shape included), so a bad value fails before any stage runs. Unknown keys,
 wrong types and values out of range are one-line errors naming the field and the layer that
 introduced it: the preset or --config file (with the line, when the file has the key), or --set.
+The YAML reading, --set parsing and error lines are llm/config_files.py, re-exported here.
 
     from llm.config import load_config
     cfg = load_config("tiny", overrides=["pretrain.lr=1e-3"])
@@ -22,10 +23,16 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar, Union
+from typing import Literal, Optional, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# YAML reading, --set parsing and error lines live in llm/config_files.py; every name stays importable from here.
+from llm.config_files import (  # noqa: F401  (re-exported)
+    ConfigError, FieldError, apply_override, deep_merge, first_error, format_validation_error, parse_override,
+    parse_overrides, read_yaml_text, yaml_error_message, yaml_line,
+)
 
 PRESET_DIR = Path(__file__).parent / "presets"
 STAGES = ("download", "clean", "shard", "pretrain", "evaluate", "spam", "instruct", "dpo", "judge")
@@ -47,20 +54,6 @@ NAMED_CONFIGS: dict[str, dict] = {
 NAMED_CONFIGS["gpt2"] = NAMED_CONFIGS["gpt2-small"]
 GPT2_VOCAB = 50257  # the GPT-2 tokenizer's vocabulary (GPTConfig's default vocab_size)
 GPT2_CONTEXT = 1024  # GPTConfig's default context_length
-
-
-class FieldError(ValueError):
-    """A check that spans fields, raised inside a model validator: `path` is the field at fault relative
-    to the model being validated (load_config prefixes the section and finds its line in the YAML)."""
-
-    def __init__(self, path: str, message: str):
-        super().__init__(f"{path}: {message}")
-        self.path = path
-        self.message = message
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the file/field at fault."""
 
 
 class Section(BaseModel):
@@ -358,146 +351,17 @@ def check_pipeline(cfg: PipelineConfig) -> None:
                          f"loop), got {p.nproc}")
 
 
-def yaml_error_message(path: Path, e: yaml.YAMLError) -> str:
-    """"FILE:LINE: invalid YAML (problem)" for a YAML file that does not parse."""
-    mark = getattr(e, "problem_mark", None)
-    where = f":{mark.line + 1}" if mark is not None else ""
-    return f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})"
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """--set items of a `python -m llm.<stage>` entry point as {"key": value} for its config class."""
-    fields = {}
-    for item in items:
-        path, value = parse_override(item)
-        fields[".".join(path)] = value
-    return fields
-
-
 def section_from_overrides(cls: type[SectionT], items: list[str]) -> SectionT:
     """The config of a `python -m llm.<stage>` entry point: `cls` with its --set items applied, or one
     ConfigError line naming the field ("--set: epochs: Input should be greater than or equal to 1 (got 0)")."""
     try:
         return cls(**parse_overrides(items))
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, "--set")) from None
+        raise ConfigError(format_validation_error(e, "--set")) from None
 
 
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def _read_yaml_text(path: Path) -> tuple[dict, str]:
-    """(the mapping, the file's text) of a preset or --config file; one-line ConfigError otherwise."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: expected a YAML file, got a folder") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(yaml_error_message(path, e)) from None
-    if data is None:
-        return {}, text
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of stage sections at the top level, got {type(data).__name__}")
-    return data, text
-
-
-def _read_yaml(path: Path) -> dict:
-    return _read_yaml_text(path)[0]
-
-
-def yaml_line(text: str, path: list[str]) -> Optional[int]:
-    """1-based line of the deepest key of `path` (a dotted field path, split) that the YAML text has."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for part in path:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.value == part:
-                line, node = key.start_mark.line + 1, value
-                break
-        else:
-            break
-    return line
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Parse ``a.b.c=value``; the value is read as YAML (so 3, 1e-3, true, [a, b], null work)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key.path=value")
-    key, raw = item.split("=", 1)
-    path = [p for p in key.strip().split(".")]
-    if not key.strip() or any(not p for p in path):
-        raise ConfigError(f"--set {item!r}: expected key.path=value with a non-empty dotted key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    # YAML reads "1e-3" as a string; accept plain float syntax too.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in "eE.") else value
-        except ValueError:
-            pass
-    return path, value
-
-
-def _apply_override(data: dict, path: list[str], value: Any, item: str) -> None:
-    cur = data
-    for p in path[:-1]:
-        nxt = cur.get(p)
-        if nxt is None:
-            nxt = cur[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {item}: {'.'.join(path[:-1])} is not a section")
-        cur = nxt
-    cur[path[-1]] = value
-
-
-def _first_error(err: ValidationError) -> tuple[str, str]:
-    """(dotted field path, message) of a validation error's first problem."""
-    first = err.errors()[0]
-    loc = [str(p) for p in first["loc"]]
-    cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, FieldError):  # a check across fields: it names the field itself
-        return ".".join([*loc, cause.path]), cause.message
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    got = first.get("input")
-    got_s = "" if first["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
-    return ".".join(loc), msg + got_s
-
-
-def _format_validation_error(err: ValidationError, origin: str, text: Optional[str] = None) -> str:
-    """"ORIGIN: field.path: what was expected (got X)", with " (line N)" when origin is a YAML file whose
-    text has the field."""
-    path, msg = _first_error(err)
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    line = yaml_line(text, path.split(".")) if text is not None and path else None
-    return f"{origin}: {path}: {msg}{more}" + (f" (line {line})" if line else "")
 
 
 def _error_path(data: dict) -> Optional[str]:
@@ -505,7 +369,7 @@ def _error_path(data: dict) -> Optional[str]:
     try:
         PipelineConfig.model_validate(data)
     except ValidationError as e:
-        return _first_error(e)[0]
+        return first_error(e)[0]
     return None
 
 
@@ -521,25 +385,25 @@ def load_config(
     preset_path = PRESET_DIR / f"{preset}.yaml"
     if not preset_path.exists():
         raise ConfigError(f"--preset {preset!r}: unknown preset; expected one of {', '.join(list_presets())}")
-    data, text = _read_yaml_text(preset_path)
+    data, text = read_yaml_text(preset_path)
     layers = [(str(preset_path), text, copy.deepcopy(data))]
     if config_file is not None:
-        extra, text = _read_yaml_text(Path(config_file))
-        data = _deep_merge(data, extra)
+        extra, text = read_yaml_text(Path(config_file))
+        data = deep_merge(data, extra)
         layers.append((str(config_file), text, copy.deepcopy(data)))
     for item in overrides:
         path, value = parse_override(item)
-        _apply_override(data, path, value, item)
+        apply_override(data, path, value, item)
     data.setdefault("preset", preset)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        bad = _first_error(e)[0]
+        bad = first_error(e)[0]
         for origin, text, layer in layers:
             layer.setdefault("preset", preset)
             if _error_path(layer) == bad:
-                raise ConfigError(_format_validation_error(e, origin, text)) from None
-        raise ConfigError(_format_validation_error(e, "--set")) from None
+                raise ConfigError(format_validation_error(e, origin, text)) from None
+        raise ConfigError(format_validation_error(e, "--set")) from None
 
 
 if __name__ == "__main__":

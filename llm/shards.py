@@ -35,7 +35,7 @@ import json
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -143,6 +143,51 @@ def run_shard(cfg: ShardConfig, documents: Path, out_dir: Path, progress: bool =
     """
     log = log_or_null(log)
     documents, out_dir = Path(documents), Path(out_dir)
+    pf = _open_documents(documents)
+    _remove_old_shards(out_dir)
+    n_docs = pf.metadata.num_rows
+    out = _ShardOutput(out_dir, cap_bytes=max(1, int(cfg.max_shard_mb * MB)))
+    own_pool = pool is None
+    if pool is None:
+        pool = tok.EncoderPool(cfg.workers)
+    try:
+        with contextlib.ExitStack() as stack:
+            if own_pool:
+                stack.enter_context(pool)
+            wex = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="llmpipe-shard-writer"))
+            bar = stack.enter_context(tqdm(total=n_docs, desc="shard", unit="doc", disable=not progress))
+            feed = _TokenFeed(pool, wex, out.write)
+            seen = 0
+            for rows in _document_batches(pf):
+                for i, (doc_id, source, text) in enumerate(rows):
+                    if doc_id is None or source is None or text is None:
+                        raise ValueError(f"{documents}: row {seen + i}: null doc_id/source/text")
+                    feed.add(_split_document(cfg, doc_id, source, text), len(text))
+                seen += len(rows)
+                bar.update(len(rows))
+                del rows  # the batch's texts go before the next batch is read
+                log({"documents_done": seen, "train_tokens": feed.tokens_done["train"],
+                     "val_tokens": feed.tokens_done["val"]}, seen)
+            feed.finish()
+        out.close()
+    except BaseException:
+        out.abort()
+        raise
+    _check_splits(cfg, documents, out, n_docs)
+
+    atomic_write_text(out_dir / MANIFEST, json.dumps(_manifest(cfg, out, n_docs), indent=2) + "\n")
+    train, val = out.writers["train"], out.writers["val"]
+    metrics = {
+        "train_tokens": float(train.tokens), "val_tokens": float(val.tokens),
+        "train_docs": float(out.docs["train"]), "val_docs": float(out.docs["val"]),
+        "shards": float(len(train.files) + len(val.files)),
+    }
+    return StageResult(metrics=metrics, params={"tokenizer": tok.ENCODING_NAME},
+                       artifacts=[out_dir / MANIFEST], outputs={"shards": out_dir})
+
+
+def _open_documents(documents: Path) -> pq.ParquetFile:
+    """documents.parquet opened for reading in batches, after checking it has doc_id, source, text."""
     if not documents.is_file():
         raise FileNotFoundError(f"{documents}: documents file not found (run the clean stage first)")
     try:
@@ -153,105 +198,133 @@ def run_shard(cfg: ShardConfig, documents: Path, out_dir: Path, progress: bool =
     for col in ("doc_id", "source", "text"):
         if col not in names:
             raise ValueError(f"{documents}: missing column {col!r}; expected doc_id, source, text (got {names})")
+    return pf
+
+
+def _remove_old_shards(out_dir: Path) -> None:
+    """Create out_dir, emptied of a previous run's shards: a re-run into the same folder must not mix them in."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in [*out_dir.glob("train-*.parquet"), *out_dir.glob("val-*.parquet"), out_dir / MANIFEST]:
-        old.unlink(missing_ok=True)  # a re-run into the same folder must not mix old shards in
+        old.unlink(missing_ok=True)
 
-    cap = max(1, int(cfg.max_shard_mb * MB))
-    writers = {s: _SplitWriter(out_dir, s, cap) for s in SPLITS}
-    per_source: dict[str, dict[str, int]] = {}
-    docs = {"train": 0, "val": 0}
-    n_docs = pf.metadata.num_rows
-    tokens_done = {"train": 0, "val": 0}
 
-    def write(parts: list[tuple[str, str, str, str]], encoded: list[np.ndarray]) -> None:
+def _document_batches(pf: pq.ParquetFile) -> Iterator[list[tuple[str, str, str]]]:
+    """The (doc_id, source, text) rows of documents.parquet, BATCH_ROWS at a time, in file order."""
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["doc_id", "source", "text"]):
+        rows = list(zip(batch.column("doc_id").to_pylist(), batch.column("source").to_pylist(),
+                        batch.column("text").to_pylist()))
+        del batch
+        yield rows
+        del rows
+
+
+def _split_document(cfg: ShardConfig, doc_id: str, source: str, text: str) -> list[tuple[str, str, str, str]]:
+    """The (split, doc_id, source, text) parts of one document under cfg.split (see the module docstring)."""
+    if cfg.split != "tail":
+        split = "val" if _in_val(doc_id, cfg.seed, cfg.val_fraction) else "train"
+        return [(split, doc_id, source, text)]
+    parts = []
+    cut = int((1.0 - cfg.val_fraction) * len(text))
+    if cut > 0:
+        parts.append(("train", doc_id, source, text[:cut]))
+    if cut < len(text):
+        parts.append(("val", doc_id, source, text[cut:]))
+    return parts
+
+
+class _TokenFeed:
+    """Document parts -> the pool's tokenizer workers -> the one writer thread, in submission order.
+
+    Parts gather into sub-batches of at least sub_batch_chars characters (spanning record batches,
+    so small documents still fill every worker); two sub-batches are in flight, so the workers start
+    on the next while the previous is assembled, and at most one waits for the writer.
+    """
+
+    def __init__(self, pool: tok.EncoderPool, wex: ThreadPoolExecutor, write):
+        self.pool, self.wex, self.write = pool, wex, write
+        # enough characters per step to keep every worker busy (a cluster may have many)
+        self.sub_batch_chars = max(SUB_BATCH_CHARS, pool.workers * (pool.piece_chars // 2))
+        self.parts: list[tuple[str, str, str, str]] = []  # (split, doc_id, source, text) not yet submitted
+        self.chars = 0
+        self.inflight: collections.deque = collections.deque()  # (parts, result getter) submitted to the pool
+        self.pending: Optional[Future] = None  # the writer's current sub-batch
+        self.tokens_done = {"train": 0, "val": 0}
+
+    def add(self, parts: list[tuple[str, str, str, str]], chars: int) -> None:
+        """Queue one document's parts (chars: the document's length)."""
+        self.parts.extend(parts)
+        self.chars += chars
+        if self.chars >= self.sub_batch_chars:
+            self._submit()
+            if len(self.inflight) > 1:
+                self._drain_one()
+
+    def finish(self) -> None:
+        """Tokenize what is left and wait until the writer has written all of it."""
+        if self.parts:
+            self._submit()
+        while self.inflight:
+            self._drain_one()
+        if self.pending is not None:
+            self.pending.result()
+
+    def _submit(self) -> None:
+        self.inflight.append((self.parts, self.pool.submit_documents([p[3] for p in self.parts])))
+        self.parts, self.chars = [], 0
+
+    def _drain_one(self) -> None:
+        sub, result = self.inflight.popleft()
+        encoded = result()
+        for p, arr in zip(sub, encoded):
+            self.tokens_done[p[0]] += len(arr)
+        if self.pending is not None:
+            self.pending.result()  # at most one sub-batch waits for the writer
+        self.pending = self.wex.submit(self.write, sub, encoded)
+
+
+class _ShardOutput:
+    """The train and val writers of one run, and the per-split and per-source counts the manifest lists."""
+
+    def __init__(self, out_dir: Path, cap_bytes: int):
+        self.writers = {s: _SplitWriter(out_dir, s, cap_bytes) for s in SPLITS}
+        self.docs = {"train": 0, "val": 0}
+        self.per_source: dict[str, dict[str, int]] = {}
+
+    def write(self, parts: list[tuple[str, str, str, str]], encoded: list[np.ndarray]) -> None:
         # Runs on the single writer thread, in submission order (Parquet compression releases the GIL,
         # so it overlaps with the tokenizer threads working on the next sub-batch).
         for (split, doc_id, source, _), ids_arr in zip(parts, encoded):
-            writers[split].add(ids_arr, doc_id, source)
-            docs[split] += 1
-            ps = per_source.setdefault(source, {"train_docs": 0, "val_docs": 0, "train_tokens": 0, "val_tokens": 0})
+            self.writers[split].add(ids_arr, doc_id, source)
+            self.docs[split] += 1
+            ps = self.per_source.setdefault(source, {"train_docs": 0, "val_docs": 0, "train_tokens": 0, "val_tokens": 0})
             ps[f"{split}_docs"] += 1
             ps[f"{split}_tokens"] += len(ids_arr)
 
-    own_pool = pool is None
-    if pool is None:
-        pool = tok.EncoderPool(cfg.workers)
-    # enough characters per step to keep every worker busy (a cluster may have many)
-    sub_batch_chars = max(SUB_BATCH_CHARS, pool.workers * (pool.piece_chars // 2))
-
-    inflight: collections.deque = collections.deque()  # (parts, result getter) submitted to the pool
-    pending: Optional[Future] = None  # the writer's current sub-batch
-
-    def drain_one() -> None:
-        nonlocal pending
-        sub, result = inflight.popleft()
-        encoded = result()
-        for p, arr in zip(sub, encoded):
-            tokens_done[p[0]] += len(arr)
-        if pending is not None:
-            pending.result()  # at most one sub-batch waits for the writer
-        pending = wex.submit(write, sub, encoded)
-
-    try:
-        with contextlib.ExitStack() as stack:
-            if own_pool:
-                stack.enter_context(pool)
-            wex = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="llmpipe-shard-writer"))
-            bar = stack.enter_context(tqdm(total=n_docs, desc="shard", unit="doc", disable=not progress))
-            seen = 0
-            parts: list[tuple[str, str, str, str]] = []  # (split, doc_id, source, text) not yet submitted
-            chars = 0
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["doc_id", "source", "text"]):
-                ids = batch.column("doc_id").to_pylist()
-                srcs = batch.column("source").to_pylist()
-                texts = batch.column("text").to_pylist()
-                for i, (doc_id, source, text) in enumerate(zip(ids, srcs, texts)):
-                    if doc_id is None or source is None or text is None:
-                        raise ValueError(f"{documents}: row {seen + i}: null doc_id/source/text")
-                    if cfg.split == "tail":
-                        cut = int((1.0 - cfg.val_fraction) * len(text))
-                        if cut > 0:
-                            parts.append(("train", doc_id, source, text[:cut]))
-                        if cut < len(text):
-                            parts.append(("val", doc_id, source, text[cut:]))
-                    else:
-                        split = "val" if _in_val(doc_id, cfg.seed, cfg.val_fraction) else "train"
-                        parts.append((split, doc_id, source, text))
-                    chars += len(text)
-                    # Sub-batches span record batches, so small documents still fill every worker; two
-                    # are in flight, so the workers start on the next while the previous is assembled.
-                    if chars >= sub_batch_chars:
-                        inflight.append((parts, pool.submit_documents([p[3] for p in parts])))
-                        parts, chars = [], 0
-                        if len(inflight) > 1:
-                            drain_one()
-                del texts, batch
-                seen += len(ids)
-                bar.update(len(ids))
-                log({"documents_done": seen, "train_tokens": tokens_done["train"], "val_tokens": tokens_done["val"]}, seen)
-            if parts:
-                inflight.append((parts, pool.submit_documents([p[3] for p in parts])))
-            while inflight:
-                drain_one()
-            if pending is not None:
-                pending.result()
-        for w in writers.values():
+    def close(self) -> None:
+        for w in self.writers.values():
             w.close()
-    except BaseException:
-        for w in writers.values():
+
+    def abort(self) -> None:
+        for w in self.writers.values():
             w.abort()
-        raise
-    if writers["train"].rows == 0:
+
+
+def _check_splits(cfg: ShardConfig, documents: Path, out: _ShardOutput, n_docs: int) -> None:
+    """A ValueError when the split left train empty, or (split=document) val empty."""
+    if out.writers["train"].rows == 0:
         raise ValueError(f"{documents}: no training tokens (documents: {n_docs}; split={cfg.split}, "
                          f"val_fraction={cfg.val_fraction})")
-    if cfg.split == "document" and cfg.val_fraction > 0 and writers["val"].rows == 0:
+    if cfg.split == "document" and cfg.val_fraction > 0 and out.writers["val"].rows == 0:
         raise ValueError(f"{documents}: split=document put none of the {n_docs} document(s) in val "
                          f"(val_fraction={cfg.val_fraction}, seed={cfg.seed}); use split: tail for few documents")
 
+
+def _manifest(cfg: ShardConfig, out: _ShardOutput, n_docs: int) -> dict:
+    """manifest.json's content: the tokenizer, the split settings and every shard file."""
+    writers = out.writers
     splits = {s: {"rows": w.rows, "tokens": w.tokens, "files": w.files} for s, w in writers.items()}
     all_files = [f for w in writers.values() for f in w.files]
-    manifest = {
+    return {
         "format": 1,
         "tokenizer": tok.ENCODING_NAME,
         "vocab_size": tok.GPT2_VOCAB_SIZE,
@@ -263,17 +336,10 @@ def run_shard(cfg: ShardConfig, documents: Path, out_dir: Path, progress: bool =
         "max_shard_mb": cfg.max_shard_mb,
         "documents": n_docs,
         "splits": splits,
-        "sources": per_source,
+        "sources": out.per_source,
         "totals": {"rows": sum(w.rows for w in writers.values()), "tokens": sum(w.tokens for w in writers.values()),
                    "files": len(all_files), "bytes": sum(f["bytes"] for f in all_files)},
     }
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    metrics = {
-        "train_tokens": float(writers["train"].tokens), "val_tokens": float(writers["val"].tokens),
-        "train_docs": float(docs["train"]), "val_docs": float(docs["val"]), "shards": float(len(all_files)),
-    }
-    return StageResult(metrics=metrics, params={"tokenizer": tok.ENCODING_NAME},
-                       artifacts=[out_dir / MANIFEST], outputs={"shards": out_dir})
 
 
 # ------------------------------------------------------------------------------------- readers
