@@ -92,13 +92,13 @@ def share_cpus(stage: str, share: Share) -> Optional[list[int]]:
 # Messages on the pipe: 8-byte little-endian length, then a pickle of a tuple:
 #   ("log", metrics, step) | ("checkpoint", path, step) | ("done", StageResult) | ("error", exception, traceback)
 
-def _send(out, msg: tuple) -> None:
+def send_msg(out, msg: tuple) -> None:
     data = pickle.dumps(msg)
     out.write(struct.pack("<Q", len(data)) + data)
     out.flush()
 
 
-def _recv(inp) -> Optional[tuple]:
+def recv_msg(inp) -> Optional[tuple]:
     head = inp.read(8)
     if len(head) < 8:
         return None  # the child closed the pipe (ended)
@@ -138,17 +138,17 @@ def _child_main(fd: int) -> None:
         if getattr(section, "threads", None) == 0:  # 0 = auto: this process's share; a number set by hand stays
             section.threads = share.threads
         ctx = StageContext(workdir=Path(job["workdir"]), progress=job["progress"],
-                           log=lambda metrics, step: _send(out, ("log", dict(metrics), step)),
-                           on_checkpoint=lambda path, step: _send(out, ("checkpoint", str(path), step)),
+                           log=lambda metrics, step: send_msg(out, ("log", dict(metrics), step)),
+                           on_checkpoint=lambda path, step: send_msg(out, ("checkpoint", str(path), step)),
                            sources=job["sources"])
         result = STAGE_DEFS[stage].body(cfg, job["upstream"], Path(job["work"]), ctx)
-        _send(out, ("done", result))
+        send_msg(out, ("done", result))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         try:
             pickle.loads(pickle.dumps(e))
         except Exception:
             e = RuntimeError(f"{type(e).__name__}: {e}")
-        _send(out, ("error", e, traceback.format_exc()))
+        send_msg(out, ("error", e, traceback.format_exc()))
     out.close()
 
 
@@ -177,7 +177,7 @@ def run_body(stage: str, cfg, upstream: dict, work: Path, ctx, share: Share) -> 
     try:
         proc.stdin.write(pickle.dumps(job))
         proc.stdin.close()
-        while (msg := _recv(inp)) is not None:
+        while (msg := recv_msg(inp)) is not None:
             kind = msg[0]
             if kind == "log" and ctx.log is not None:
                 ctx.log(msg[1], msg[2])

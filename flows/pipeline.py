@@ -316,11 +316,12 @@ def _flow_run_name() -> str:
     p = flow_run.parameters or {}
     if p.get("name"):
         return p["name"]
-    return pipeline_run_name(p.get("preset") or "tiny", list(p.get("overrides") or []), _commit(),
+    return pipeline_run_name(p.get("preset") or "tiny", list(p.get("overrides") or []), checkout_commit(),
                              p.get("config_file"))
 
 
-def _commit() -> str:
+def checkout_commit() -> str:
+    """The git commit of this llmpipe checkout (for run names and tags)."""
     return git_commit(Path(__file__).resolve().parent.parent)
 
 
@@ -367,7 +368,7 @@ def pipeline(stages: Optional[list[str]] = None, preset: str = "tiny", config_fi
         forced = set(order)
     tracker = get_tracker(wd)
     tracker.mark_dead_runs()
-    commit = _commit()
+    commit = checkout_commit()
     flow_run_id = str(flow_run.id or "")
     user_overrides = list(overrides or [])
     run_name = pipeline_run_name(cfg.preset, user_overrides, commit, config_file, name)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
@@ -45,6 +44,7 @@ from typing import Callable, Iterator, Optional
 from flows.errors import UsageError
 from flows.tracking import default_tracking_uri
 from llm.fsutil import atomic_write_text
+from llm.procenv import die_with_parent
 
 STATE_DIR = ".llmpipe"
 SERVICES = ("prefect", "mlflow")
@@ -185,14 +185,6 @@ def prefect_api_url(workdir: str | Path = ".") -> Optional[str]:
 
 # --- start / stop -------------------------------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when the process that started it dies (Linux prctl)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def prefect_mode() -> str:
     """LLMPIPE_PREFECT: "server" (default: start and keep this workdir's server) or "ephemeral"."""
     mode = os.environ.get("LLMPIPE_PREFECT", "server").strip().lower() or "server"
@@ -234,7 +226,7 @@ def temporary_prefect(workdir: str | Path, timeout: float = 180.0) -> Iterator[s
     home = os.environ.get("PREFECT_HOME") or str(Path.home() / ".prefect")
     env = {**os.environ, **spec.env, "PREFECT_HOME": home}
     proc = subprocess.Popen(spec.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            env=env, preexec_fn=_die_with_parent)
+                            env=env, preexec_fn=die_with_parent(signal.SIGKILL))
     try:
         deadline = time.monotonic() + timeout
         while not healthy(spec.health_url, timeout=1.0):

@@ -147,11 +147,11 @@ def _one_subprocess(args, overrides: list[str], parent_run_id: str, name: str) -
 
 
 def run_sweep(args, axes: list[tuple[str, list[str]]]) -> dict:
-    from flows.pipeline import _commit, pipeline  # lazy: prefect; `llmpipe --help` imports this module
+    from flows.pipeline import checkout_commit, pipeline  # lazy: prefect; `llmpipe --help` imports this module
 
     wd = Path(args.workdir).resolve()
     tracker = get_tracker(wd)
-    commit = _commit()
+    commit = checkout_commit()
     grid_desc = " ".join(f"{k}={','.join(v)}" for k, v in axes)
     name = args.name or f"sweep {args.preset} {grid_desc} @{short_commit(commit)}"
     sweep_id = tracker.start_run(name, {"stage": "sweep", "preset": args.preset, "git_commit": commit,

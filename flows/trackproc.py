@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -26,16 +27,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from flows import timing, tracking
-from flows.isolate import _recv as isolate_recv
-from flows.isolate import _send
-from flows.server import _die_with_parent
+from flows.isolate import recv_msg, send_msg
 from flows.tracking import BatchedMetricLogger, Tracker
-from llm.procenv import child_env
+from llm.procenv import child_env, die_with_parent
 
 
 def _recv(inp) -> Any:
     """flows.isolate's framing (8-byte length + pickle); a closed pipe is EOFError here."""
-    msg = isolate_recv(inp)
+    msg = recv_msg(inp)
     if msg is None:
         raise EOFError("the tracking process closed its pipe")
     return msg
@@ -69,7 +68,7 @@ class TrackerProxy:
         self.workdir = Path(workdir)
         self._proc = subprocess.Popen([sys.executable, "-m", "flows.trackproc", str(self.workdir), experiment],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(),
-                                      preexec_fn=_die_with_parent)
+                                      preexec_fn=die_with_parent(signal.SIGKILL))
         self._lock = threading.Lock()
         self._hello: Optional[dict] = None
 
@@ -89,7 +88,7 @@ class TrackerProxy:
     def _call(self, path: str, args: tuple, kwargs: dict) -> Any:
         self._ready()
         with self._lock, timing.phase("mlflow_calls"):
-            _send(self._proc.stdin, (path, args, kwargs))
+            send_msg(self._proc.stdin, (path, args, kwargs))
             ok, value = _recv(self._proc.stdout)
         if ok:
             return value
@@ -134,9 +133,9 @@ def _serve(workdir: str, experiment: str) -> None:
     t = time.perf_counter()
     try:
         tracker = Tracker(Path(workdir), experiment)
-        _send(out, {"uri": tracker.uri, "experiment_id": tracker.experiment_id, "seconds": time.perf_counter() - t})
+        send_msg(out, {"uri": tracker.uri, "experiment_id": tracker.experiment_id, "seconds": time.perf_counter() - t})
     except Exception as e:  # reported to the caller at its first call
-        _send(out, _picklable(e))
+        send_msg(out, _picklable(e))
         return
     while True:
         try:
@@ -147,9 +146,9 @@ def _serve(workdir: str, experiment: str) -> None:
             target: Any = tracker
             for part in path.split("."):
                 target = getattr(target, part)
-            _send(out, (True, target(*args, **kwargs)))
+            send_msg(out, (True, target(*args, **kwargs)))
         except Exception as e:
-            _send(out, (False, _picklable(e)))
+            send_msg(out, (False, _picklable(e)))
 
 
 if __name__ == "__main__":

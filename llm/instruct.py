@@ -72,7 +72,7 @@ from llm.finetune import (encode_text, epoch_indices, merge_if_lora, param_count
                           setup_trainable, step_plan, write_parquet, write_splits)
 from llm.generate import generate
 from llm.model import EOT_ID, GPT
-from llm.prompts import (ALPACA_PREAMBLE, RESPONSE_HEADER, _check_format, extract_response,  # noqa: F401 (re-exported)
+from llm.prompts import (ALPACA_PREAMBLE, RESPONSE_HEADER, extract_response,  # noqa: F401 (re-exported)
                          format_example, format_input, format_prompt)
 from llm.records import read_string_records
 from llm.result import MetricLogger, StageResult, log_or_null

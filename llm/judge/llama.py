@@ -18,7 +18,6 @@ bind, so the port is tried again (3 times) instead of talking to whoever holds i
 """
 from __future__ import annotations
 
-import ctypes
 import secrets
 import signal
 import socket
@@ -34,20 +33,13 @@ from llm.judge.base import JudgeError, Verdict
 from llm.judge.prepare import GGUF_SHA256, INSTALL_HINT, JUDGE_NAME, JudgeNotInstalled, ensure_gguf, llama_server_binary
 from llm.judge.prompts import Protocol, get_protocol
 from llm.judge.remote import RemoteJudge
+from llm.procenv import die_with_parent
 
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child (Linux): SIGTERM when the process that started it dies, so no server is left behind."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 class LlamaServerJudge(RemoteJudge):
@@ -83,7 +75,7 @@ class LlamaServerJudge(RemoteJudge):
                 [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(self.threads),
                  "-c", "2048", "-np", "1", "--offline", "--api-key", key],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                preexec_fn=die_with_parent(signal.SIGTERM) if sys.platform.startswith("linux") else None)
             deadline = time.monotonic() + self.startup_timeout
             while self.proc.poll() is None and time.monotonic() < deadline:
                 try:
