@@ -151,10 +151,15 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture
 def api(prefect_server):
     """Point this process's Prefect client at the test server (for this test only)."""
+    from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    # Prefect's events worker is one per process and keeps the server it first connected to (the session
+    # harness, when an earlier test used it): stop it so events of this test go to this test's server
+    EventsWorker.drain_all()
     with temporary_settings({PREFECT_API_URL: prefect_server}):
         yield prefect_server
+        EventsWorker.drain_all()
 
 
 CLIENT_HOME: list[str] = []
