@@ -58,13 +58,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
+from pydantic import ValidationError
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from llm import ddp
 from llm.checkpoint import atomic_write_text, save_model
-from llm.config import PretrainConfig
+from llm.config import ConfigError, PretrainConfig, format_validation_error, read_yaml_text
 from llm.ddp import Dist, Events
 from llm.fsutil import save_figure
 from llm.generate import generate
@@ -453,10 +453,13 @@ def launch_ddp(cfg: PretrainConfig, shard_dir: Path, out_dir: Path, progress: bo
 
 
 def read_config_file(path: Path) -> PretrainConfig:
-    if not path.exists():
-        raise SystemExit(f"{path}: config file not found")
-    raw = yaml.safe_load(path.read_text())
-    return PretrainConfig.model_validate(raw.get("pretrain", raw) if isinstance(raw, dict) else raw)
+    """The PretrainConfig of a JSON/YAML file (the whole file, or its `pretrain:` section); otherwise one
+    ConfigError line naming the file and the field (and its line, for a top-level field)."""
+    raw, text = read_yaml_text(path)
+    try:
+        return PretrainConfig.model_validate(raw.get("pretrain", raw))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path), text)) from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -469,7 +472,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    cfg = read_config_file(Path(a.config))
+    try:
+        cfg = read_config_file(Path(a.config))
+    except ConfigError as e:
+        p.exit(2, f"error: {e}\n")
     d = ddp.init_distributed(cfg.device)
     if not d.active and cfg.nproc > 1 and not a.events:
         print(json.dumps(run_pretrain(cfg, Path(a.shards), Path(a.out), progress=not a.no_progress).metrics))

@@ -244,3 +244,25 @@ def test_valid_shapes_still_load():
     assert load_config("tiny", None, ["pretrain.model.context_length=16"]).instruct.max_length == 64
     for preset in config.list_presets():
         load_config(preset)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["llm.spam", "data.tsv", "out", "--set", "epochs=0"],
+     "error: --set: epochs: Input should be greater than or equal to 1 (got 0)"),
+    (["llm.instruct", "--data", "d.json", "--out", "o", "--set", "lr=-1"],
+     "error: --set: lr: Input should be greater than 0 (got -1)"),
+    (["llm.dpo", "--data", "d.json", "--out", "o", "--base", "b", "--set", "beta=0"],
+     "error: --set: beta: Input should be greater than 0 (got 0)"),
+    (["llm.judge", "--responses", "r.json", "--out", "o", "--set", "temperature=-1"],
+     "error: --set: temperature: Input should be greater than or equal to 0 (got -1)"),
+    (["llm.train", "--config", "pretrain.yaml", "--shards", "s", "--out", "o"],
+     "error: pretrain.yaml: lr: Input should be greater than 0 (got 0) (line 2)"),
+    (["llm.train", "--config", "missing.yaml", "--shards", "s", "--out", "o"],
+     "error: missing.yaml: config file not found"),
+])
+def test_stage_entry_points_print_one_line_for_a_bad_config(tmp_path, args, line):
+    # the `python -m llm.<stage>` entry points validate their config before reading any data
+    (tmp_path / "pretrain.yaml").write_text("epochs: 1\nlr: 0\n")
+    p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == [line]

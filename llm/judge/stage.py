@@ -42,7 +42,7 @@ from typing import Optional
 import pandas as pd
 from tqdm import tqdm
 
-from llm.config import JudgeConfig, parse_overrides
+from llm.config import JudgeConfig, section_from_overrides
 from llm.fsutil import atomic_write_via, save_figure
 from llm.judge.base import Judge, JudgeError, JudgeFatal, Verdict
 from llm.judge.cache import JudgeCache
@@ -392,7 +392,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="JudgeConfig field")
     a = ap.parse_args(argv)
     try:
-        cfg = JudgeConfig(**parse_overrides(a.set))
+        cfg = section_from_overrides(JudgeConfig, a.set)
         res = run_judge(cfg, Path(a.responses), Path(a.out), Path(a.cache) if a.cache else None, field=a.field)
     except (ValueError, FileNotFoundError, JudgeError) as e:
         print(f"error: {e}", file=sys.stderr)
