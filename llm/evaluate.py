@@ -34,7 +34,7 @@ from llm.procenv import allowed_cores
 from llm.result import MetricLogger, StageResult, log_or_null
 from llm.shards import TokenWindows, read_tokens, sources
 from llm.tokenizer import get_encoding
-from llm.train import loss_sums
+from llm.pretrain_data import loss_sums
 from llm.weights import load_pretrained
 
 

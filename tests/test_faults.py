@@ -218,7 +218,7 @@ def test_code_keys_follow_the_real_import_closure(tmp_path):
     copy = tmp_path / "llm"
     shutil.copytree(LLM_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert {s: code_version(s, copy) for s in stages} == {s: code_version(s) for s in stages}
-    # evaluate reaches llm.weights only through imports (llm.train, llm.checkpoint): the old hand-kept list missed it
+    # evaluate reaches llm.weights only through its imports: the old hand-kept list missed it
     assert "llm.weights" in stage_closure("evaluate") and "llm.weights" not in stage_closure("shard")
 
     def changed_after_editing(module: str) -> set[str]:
