@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's llm/, installed or not
+
+from llm.procenv import child_env  # noqa: E402  (after the path: this checkout's copy)
 STAGES = ("pretrain", "spam", "instruct", "dpo")
 # what each stage's behaviour is judged by: paths relative to its artifact folder
 PRODUCTS = {
@@ -50,8 +52,7 @@ def sha256(path: Path) -> str:
 
 
 def run_pipeline(workdir: Path, mirror: str) -> float:
-    env = dict(os.environ, LLMPIPE_PREFECT="ephemeral",
-               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = child_env({"LLMPIPE_PREFECT": "ephemeral"})  # this checkout first on PYTHONPATH
     cmd = [sys.executable, "-m", "flows.cli", "run", "--preset", "tiny", "--mirror", mirror, "--no-progress",
            "--workdir", str(workdir)]
     for stage in STAGES:
