@@ -69,7 +69,6 @@ from llm.tokenizer import get_encoding
 from llm.training import (TrainingInterrupted, TrainState, load_base, make_adamw, pick_device, stop_hook,
                           torch_threads)
 
-_Batches = Batches  # the name tests/test_book.py imports
 
 __all__ = [  # this module's API, including what it re-exports from llm.spam_data and llm.spam_infer
     "LABELS", "MALFORMED_REASONS", "PAD_ID", "Batches", "SmsData", "balance_and_split", "encode_texts", "pad_batch",

@@ -174,18 +174,18 @@ def test_ch06_book_parse_and_split_row_for_row(tmp_path):
 def test_ch06_book_readout_at_minus_one_equals_the_books_logits():
     """Book mode pads every message to L and reads position -1: the book's model(x)[:, -1, :]."""
     from llm.model import GPT, GPTConfig
-    from llm.spam import _Batches, add_classification_head, classify_logits
+    from llm.spam import Batches, add_classification_head, classify_logits
 
     torch.manual_seed(0)
     net = add_classification_head(GPT(GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2,
                                                 n_layers=1)), 2).eval()
     seqs = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
-    ids, lengths, _ = _Batches(seqs, [0, 1, 0], 3, pad_to=8).batch([0, 1, 2], 0)
+    ids, lengths, _ = Batches(seqs, [0, 1, 0], 3, pad_to=8).batch([0, 1, 2], 0)
     assert ids.shape == (3, 8) and lengths.tolist() == [8, 8, 8]
     with torch.no_grad():
         book = net(ids)[:, -1, :]
         torch.testing.assert_close(classify_logits(net, ids, lengths), book, rtol=0, atol=1e-6)
-        ids2, lengths2, _ = _Batches(seqs, [0, 1, 0], 3).batch([0, 1, 2], 0)  # llmpipe: the true last token
+        ids2, lengths2, _ = Batches(seqs, [0, 1, 0], 3).batch([0, 1, 2], 0)  # llmpipe: the true last token
         assert lengths2.tolist() == [3, 6, 1] and not torch.allclose(classify_logits(net, ids2, lengths2), book)
 
 
