@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text  # noqa: F401  (the last two re-exported)
+from llm.fsutil import atomic_dir
 from llm.model import GPT, GPTConfig
 
 CKPT_RE = re.compile(r"^step-(\d{6,})$")

@@ -54,10 +54,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
+from llm.checkpoint import load_model, read_config, save_model
 from llm.config import DpoConfig, section_from_overrides
 from llm.finetune import (encode_text, epoch_indices, merge_if_lora, param_counts, plot_train_val, run_identity,
                           setup_trainable, step_plan, write_splits)
+from llm.fsutil import atomic_write_text
 from llm.instruct import split_records, write_responses
 from llm.model import EOT_ID, GPT
 from llm.prompts import format_input, format_prompt

@@ -66,14 +66,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llm.checkpoint import atomic_write_text, load_model, read_config, save_model
+from llm.checkpoint import load_model, read_config, save_model
 from llm.config import InstructConfig, section_from_overrides
 from llm.finetune import (encode_text, epoch_indices, merge_if_lora, param_counts, plot_train_val, run_identity,
                           setup_trainable, step_plan, write_parquet, write_splits)
+from llm.fsutil import atomic_write_text
 from llm.generate import generate
 from llm.model import EOT_ID, GPT
-from llm.prompts import (ALPACA_PREAMBLE, RESPONSE_HEADER, extract_response,  # noqa: F401 (re-exported)
-                         format_example, format_input, format_prompt)
+from llm.prompts import (extract_response, format_example, format_input,  # noqa: F401 (re-exported)
+                         format_prompt)
 from llm.records import read_string_records
 from llm.result import MetricLogger, StageResult, log_or_null
 from llm.tokenizer import get_encoding

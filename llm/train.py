@@ -63,10 +63,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from llm import ddp
-from llm.checkpoint import atomic_write_text, save_model
+from llm.checkpoint import save_model
 from llm.config import ConfigError, PretrainConfig, format_validation_error, read_yaml_text
 from llm.ddp import Dist, Events
-from llm.fsutil import save_figure
+from llm.fsutil import atomic_write_text, save_figure
 from llm.generate import generate
 from llm.model import GPT, GPTConfig
 from llm.precision import BF16_CPU_MIN_WIDTH, cpu_bf16_fast, resolve_dtype, use_compile
