@@ -104,7 +104,7 @@ def llmpipe_step(cfg: dict, x, y, compile_: bool, amp: Optional[torch.dtype] = N
     torch.manual_seed(123)
     model = GPT(GPTConfig(**cfg)).train()
     pcfg = PretrainConfig(lr=4e-4, weight_decay=0.1)
-    opt = make_optimizer(model, pcfg, torch.device("cpu"))
+    opt = make_optimizer(model, pcfg)
     fwd = torch.compile(model) if compile_ else model
 
     def step():

@@ -108,9 +108,9 @@ def build_model(cfg: PretrainConfig) -> GPT:
     return model
 
 
-def make_optimizer(model: nn.Module, cfg: PretrainConfig, device: Optional[torch.device] = None) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
     """AdamW with cfg's lr and betas, weight decay on matrices (book_compat: on every parameter); fused
-    where torch has it, else foreach. `device` is not needed (the parameters are on it already)."""
+    where torch has it, else foreach."""
     return make_adamw(model, cfg.lr, cfg.weight_decay, betas=tuple(cfg.betas), eps=1e-8,
                       decay_all=cfg.book_compat, foreach=True)
 
@@ -190,7 +190,7 @@ def setup(cfg: PretrainConfig, shard_dir: Path, out_dir: Path, device: torch.dev
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     tokens_per_step = data.order.global_batch * model.cfg.context_length
-    opt = make_optimizer(model, cfg, device)
+    opt = make_optimizer(model, cfg)
     amp, amp_reason = choose_dtype(cfg, device, model.cfg.emb_dim, d)
     compiled = use_compile(cfg.compile, device, total_steps * tokens_per_step * model.flops_per_token())
     if device.type == "cuda" and cfg.dtype == "auto":  # TF32 matmuls; an explicit float32 stays exact fp32

@@ -5,8 +5,6 @@ world of 1); those skip themselves on a machine without CUDA.
 Run: python -m pytest -q tests/test_precision.py          (GPU part: python -m pytest -q -m cuda)
 """
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -150,7 +148,7 @@ def test_cuda_ddp_over_nccl_in_a_world_of_one_equals_plain_training(tmp_path):
             torch.manual_seed(0)
             model = GPT(GPTConfig(**{**TINY, "drop_rate": 0.0})).to(dev)
             fwd = DDP(model, device_ids=[0]) if wrap else model
-            opt = make_optimizer(model, cfg, dev)
+            opt = make_optimizer(model, cfg)
             for _ in range(3):
                 opt.zero_grad(set_to_none=True)
                 batch_loss(fwd, x, y, torch.bfloat16).backward()
